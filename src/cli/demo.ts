@@ -1,0 +1,1 @@
+export async function demo(_argv: string[]): Promise<number> { throw new Error('demo: not built yet'); }

@@ -1,0 +1,144 @@
+#!/usr/bin/env node
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { createLogger } from '../log.js';
+import type { Compression } from '../migration/multifd-packet.js';
+import { receive } from './receive.js';
+
+const HELP = `colo-receiver: a store-only QEMU COLO secondary (QEMU migration wire protocol, multifd, COLO)
+
+Usage:
+  colo-receiver listen [options]        accept one incoming migration (precopy or COLO)
+  colo-receiver demo [--channels N]     synthetic QEMU source -> receiver on loopback, prints the summary
+  colo-receiver inspect FILE...         decode captured main/multifd streams
+  colo-receiver restore --from PATH --to tcp:HOST:PORT
+                                        replay a saved image into a waiting qemu -incoming
+  colo-receiver --help | --version
+
+listen options:
+  --host ADDR               address to listen on (default 127.0.0.1)
+  --port N                  TCP port (default 4444; 0 = any)
+  --multifd-channels N      multifd-channels of the source (default: learned at the first sync)
+  --compression M           none | zlib | zstd (multifd-compression of the source; default none)
+  --colo                    COLO secondary even if ENABLE_COLO never arrives
+  --no-vmdesc               do not expect VMDESCRIPTION after the initial EOF
+  --threads N               page-writer threads (default: CPU count)
+  --dump-ram DIR            write the received / committed RAMBlocks to DIR/<idstr>.bin
+                            and the device state to DIR/device-state.bin
+  --stats-json FILE         summary: bytes per channel, pages, zero pages, duration, GB/s,
+                            per-checkpoint distributions
+  --checkpoints-csv FILE    one CSV row per committed checkpoint
+  --expect-uuid UUID        refuse multifd channels from a VM with another -uuid
+  --allow HOST[,HOST]       accept connections only from these peer addresses
+  --io-timeout MS           fail when a peer stalls mid-record for MS (default 10000)
+  --heartbeat-timeout MS    COLO: no checkpoint for MS means the primary is gone (default 5000)
+  --max-ram BYTES           cap on the total RAM a source may announce (default 64 GiB)
+  --max-blob BYTES          cap on a COLO device-state blob (default 256 MiB)
+  --log-level LEVEL         pino level (default info; LOG_LEVEL also works)
+  --no-progress             no progress line on a terminal
+
+Exit status: 0 migration completed, or COLO ended by the primary going away (the committed
+checkpoint is kept); 1 usage error; 2 migration failed (protocol violation, bad input);
+3 internal error.`;
+
+const LISTEN = {
+  host: { type: 'string', default: '127.0.0.1' },
+  port: { type: 'string', default: '4444' },
+  'multifd-channels': { type: 'string' },
+  compression: { type: 'string', default: 'none' },
+  colo: { type: 'boolean', default: false },
+  'no-vmdesc': { type: 'boolean', default: false },
+  threads: { type: 'string' },
+  'dump-ram': { type: 'string' },
+  'stats-json': { type: 'string' },
+  'checkpoints-csv': { type: 'string' },
+  'expect-uuid': { type: 'string' },
+  allow: { type: 'string' },
+  'io-timeout': { type: 'string', default: '10000' },
+  'heartbeat-timeout': { type: 'string', default: '5000' },
+  'max-ram': { type: 'string' },
+  'max-blob': { type: 'string' },
+  'log-level': { type: 'string' },
+  'no-progress': { type: 'boolean', default: false },
+  help: { type: 'boolean', short: 'h', default: false },
+} satisfies ParseArgsConfig['options'];
+
+class UsageError extends Error {}
+
+function int(v: unknown, name: string, min: number, max: number): number {
+  const n = Number(v);
+  if (typeof v !== 'string' || !/^\d+$/.test(v) || n < min || n > max) throw new UsageError(`--${name} must be an integer in ${min}..${max}, got ${String(v)}`);
+  return n;
+}
+
+async function listen(argv: string[]): Promise<number> {
+  const { values: o } = parseArgs({ args: argv, options: LISTEN, strict: true, allowPositionals: false }) as { values: Record<string, string | boolean | undefined> };
+  if (o.help) { process.stdout.write(HELP + '\n'); return 0; }
+  const comp = String(o.compression);
+  if (!['none', 'zlib', 'zstd'].includes(comp)) throw new UsageError(`--compression must be none, zlib or zstd, got ${comp}`);
+  const uuid = o['expect-uuid'] as string | undefined;
+  if (uuid !== undefined && !/^[0-9a-fA-F]{32}$/.test(uuid.replace(/-/g, ''))) throw new UsageError('--expect-uuid must be a UUID');
+  const log = createLogger((o['log-level'] as string | undefined) ?? process.env.LOG_LEVEL ?? 'info');
+  const limits: Record<string, number> = {};
+  if (o['max-ram'] !== undefined) limits.maxRamBytes = int(o['max-ram'], 'max-ram', 4096, 2 ** 52);
+  if (o['max-blob'] !== undefined) limits.maxBlobBytes = int(o['max-blob'], 'max-blob', 1, 2 ** 40);
+  const res = await receive({
+    host: String(o.host),
+    port: int(o.port, 'port', 0, 65535),
+    multifdChannels: o['multifd-channels'] !== undefined ? int(o['multifd-channels'], 'multifd-channels', 0, 255) : undefined,
+    compression: comp as Compression,
+    colo: Boolean(o.colo),
+    expectVmdesc: !o['no-vmdesc'],
+    ...(o.threads !== undefined ? { threads: int(o.threads, 'threads', 1, 256) } : {}),
+    dumpRam: o['dump-ram'] as string | undefined,
+    statsJson: o['stats-json'] as string | undefined,
+    checkpointsCsv: o['checkpoints-csv'] as string | undefined,
+    expectUuid: uuid,
+    allow: o.allow ? String(o.allow).split(',').map((s) => s.trim()).filter(Boolean) : [],
+    ioTimeoutMs: int(o['io-timeout'], 'io-timeout', 0, 2 ** 31 - 1),
+    heartbeatTimeoutMs: int(o['heartbeat-timeout'], 'heartbeat-timeout', 0, 2 ** 31 - 1),
+    limits,
+    progress: process.stderr.isTTY === true && !o['no-progress'],
+    log,
+  });
+  process.stdout.write(JSON.stringify(res.summary, null, 2) + '\n');
+  log.flush?.();
+  return res.outcome.kind === 'failed' ? 2 : 0;
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv;
+  switch (cmd) {
+    case undefined:
+    case '--help':
+    case '-h':
+    case 'help':
+      process.stdout.write(HELP + '\n');
+      return cmd === undefined ? 1 : 0;
+    case '--version':
+      process.stdout.write('colo-receiver 0.1.0\n');
+      return 0;
+    case 'listen':
+      return listen(rest);
+    case 'demo':
+      return (await import('./demo.js')).demo(rest);
+    case 'inspect':
+      return (await import('./inspect.js')).inspect(rest);
+    case 'restore':
+      return (await import('./restore.js')).restoreCommand(rest);
+    default:
+      throw new UsageError(`unknown command "${cmd}" (try --help)`);
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => { process.exitCode = code; },
+  (e: unknown) => {
+    if (e instanceof UsageError || (e instanceof TypeError && 'code' in e && String((e as { code: unknown }).code).startsWith('ERR_PARSE_ARGS'))) {
+      process.stderr.write(`colo-receiver: ${(e as Error).message}\n`);
+      process.exitCode = 1;
+    } else {
+      process.stderr.write(`colo-receiver: internal error: ${e instanceof Error ? e.stack : String(e)}\n`);
+      process.exitCode = 3;
+    }
+  },
+);

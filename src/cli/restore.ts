@@ -1,0 +1,1 @@
+export async function restoreCommand(_argv: string[]): Promise<number> { throw new Error('restore: not built yet'); }

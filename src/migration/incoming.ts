@@ -1,0 +1,629 @@
+import { EventEmitter } from 'node:events';
+import type { Socket } from 'node:net';
+import { performance } from 'node:perf_hooks';
+import { MigrationError, wireError } from '../errors.js';
+import type { Logger } from '../log.js';
+import { silentLogger } from '../log.js';
+import { WRITE_BOTH, WRITE_CACHE, WRITE_GUEST, type WriteMode, type WriteTask } from '../memory/page-writer.js';
+import { RAMBlockList, type RAMBlock } from '../memory/ram-block.js';
+import { PagePool } from '../pool/page-pool.js';
+import { ByteQueue } from '../wire/byte-queue.js';
+import {
+  COLO_MESSAGE_CHECKPOINT_READY, COLO_MESSAGE_CHECKPOINT_REPLY, COLO_MESSAGE_CHECKPOINT_REQUEST, COLO_MESSAGE_NAMES,
+  COLO_MESSAGE_VMSTATE_LOADED, COLO_MESSAGE_VMSTATE_RECEIVED, COLO_MESSAGE_VMSTATE_SEND, COLO_MESSAGE_VMSTATE_SIZE,
+  COLO_MESSAGE__MAX, MIG_CMD_ENABLE_COLO, MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, MIG_RP_MSG_PONG, MIG_RP_MSG_SHUT,
+  QEMU_VM_EOF,
+} from '../wire/constants.js';
+import { be32 } from '../wire/reader.js';
+import { CheckpointStats, type CheckpointRecord } from './checkpoint-stats.js';
+import type { CommittedImage } from './committed-image.js';
+import { DEFAULT_LIMITS, type Limits } from './limits.js';
+import { MultiFDChannel, type ChannelSink } from './multifd-channel.js';
+import type { Compression, MultiFDInit } from './multifd-packet.js';
+import { RamSectionParser, type RamSink } from './ram-section.js';
+import { VmStateParser, type SectionHeader, type VmStateSink } from './vmstate-stream.js';
+
+export interface IncomingOptions {
+  /** multifd-channels of the source; undefined: learn it at the first barrier (spec §1.1). */
+  multifdChannels?: number | undefined;
+  compression?: Compression;
+  /** Enter COLO mode even without ENABLE_COLO (spec §5.1). */
+  colo?: boolean;
+  /** Expect VMDESCRIPTION after the initial EOF (x86 pc/q35 always send it; spec §8.10). */
+  expectVmdesc?: boolean;
+  /** Page-writer threads (default: all cores). */
+  threads?: number;
+  limits?: Partial<Limits>;
+  /** Refuse multifd channels whose handshake uuid differs (hex, 32 digits, dashes allowed). */
+  expectUuid?: string | undefined;
+  /** A peer silent this long in the middle of a record or checkpoint fails the migration. */
+  ioTimeoutMs?: number;
+  /** COLO: no checkpoint for this long means the primary is gone (failover). 0 disables. */
+  heartbeatTimeoutMs?: number;
+  log?: Logger;
+  /** Staging slots (1 MiB each) per multifd channel: bounds memory per channel. */
+  slotsPerChannel?: number;
+}
+
+export type Outcome =
+  | { kind: 'completed' }                                     // precopy finished
+  | { kind: 'primary-lost'; reason: string; error?: MigrationError }  // COLO ended by the peer
+  | { kind: 'failed'; error: MigrationError };
+
+const AUTO_QUIET_MS = 1500;
+
+type Phase = 'savevm' | 'vmdesc' | 'colo-idle' | 'colo-send' | 'colo-size' | 'colo-blob' | 'committing' | 'done';
+
+interface Barrier { resolve: () => void; reject: (e: unknown) => void }
+
+/**
+ * One incoming migration (cf. MigrationIncomingState): owns the channels, the page pool and
+ * guest memory, runs the barriers between the main channel and the multifd channels, and in
+ * COLO mode the secondary's checkpoint state machine (spec §5.3). Errors from any part end
+ * here, in `#fail`, once.
+ */
+export class IncomingMigration extends EventEmitter {
+  readonly blocks = new RAMBlockList();
+  readonly limits: Limits;
+  readonly log: Logger;
+  readonly pool: PagePool;
+  readonly stats = new CheckpointStats();
+  readonly channels: MultiFDChannel[] = [];
+  readonly #byId = new Map<number, MultiFDChannel>();
+  readonly #opts: IncomingOptions;
+  readonly #mainQ = new ByteQueue();
+  readonly #ram: RamSectionParser;
+  readonly #vm: VmStateParser;
+  #main: Socket | null = null;
+  #mainEnded = false;
+  #phase: Phase = 'savevm';
+  #expected: number | undefined;
+  #learned = false;
+  #colo: boolean;
+  #inColoState = false;
+  #returnPath = false;
+  #initialDone = false;
+  #barrier: Barrier | null = null;
+  #barriers = 0;
+  #lastAccept = 0;
+  #firstBarrierAt = 0;
+  #syncScheme: 'unknown' | 'per-section' | 'per-round' = 'unknown';
+  #machine = '';
+  #configRaw: Buffer | null = null;
+  #deviceSections: Buffer[] = [];
+  #committedBlob: Buffer | null = null;   // device state of the committed image (FULL sections, no EOF)
+  #committed = -1;                        // checkpoint number of the committed image; 0 = initial migration
+  #blob: Buffer | null = null;
+  #blobAt = 0;
+  #cur: CheckpointRecord | null = null;
+  #commit: Promise<void> | null = null;
+  #outcome: Outcome | null = null;
+  #resolveDone!: (o: Outcome) => void;
+  #startedAt = 0;
+  #endedAt = 0;
+  #heartbeat: NodeJS.Timeout | null = null;
+  #sockets = new Set<Socket>();
+  readonly done: Promise<Outcome>;
+
+  constructor(opts: IncomingOptions = {}) {
+    super();
+    const ch = opts.multifdChannels;
+    if (ch !== undefined && (!Number.isInteger(ch) || ch < 0 || ch > 255)) throw new RangeError('options.multifdChannels must be an integer in 0..255');
+    this.#opts = opts;
+    this.#expected = ch;
+    this.#colo = opts.colo ?? false;
+    this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
+    if (ch !== undefined && ch > this.limits.maxChannels) throw new RangeError(`options.multifdChannels above limits.maxChannels (${this.limits.maxChannels})`);
+    this.log = opts.log ?? silentLogger;
+    this.pool = new PagePool(opts.threads !== undefined ? { threads: opts.threads } : {});
+    this.#ram = new RamSectionParser(this.#ramSink, this.limits);
+    this.#vm = new VmStateParser(this.#mainQ, this.#vmSink, this.#ram, this.limits);
+    this.#vm.expectVmdesc = opts.expectVmdesc ?? true;
+    this.done = new Promise((r) => { this.#resolveDone = r; });
+  }
+
+  // ---------------------------------------------------------------- connections
+
+  /** A classified connection from the listener. `first` holds the bytes already read. */
+  attachMain(sock: Socket, first: Buffer): boolean {
+    if (this.#main || this.#outcome) return false;   // a second migration is refused, never merged
+    this.#main = sock;
+    this.#startedAt = performance.now();
+    this.#track(sock, 'main');
+    sock.on('data', (c: Buffer) => { this.#mainQ.push(c); this.#pumpMain(); });
+    sock.on('end', () => { this.#mainEnded = true; this.#pumpMain(); });
+    this.#mainQ.push(first);
+    this.#pumpMain();
+    return true;
+  }
+
+  attachMultifd(sock: Socket, first: Buffer): boolean {
+    if (this.#outcome) return false;
+    if (this.#expected !== undefined && this.channels.length >= this.#expected) {
+      if (this.#learned) {
+        // The learned count was too small: a channel connected after the quiet window.
+        this.#endWith(wireError('ERR_HANDSHAKE', `multifd: channel ${this.channels.length + 1} connected after the channel count was learned (${this.#expected}); pass --multifd-channels`, 'multifd/?', 0), false);
+      }
+      return false;
+    }
+    if (this.channels.length >= this.limits.maxChannels) return false;
+    const ch = new MultiFDChannel(this.#channelSink, this.#opts.compression ?? 'none', this.limits, this.#opts.slotsPerChannel ?? 4);
+    this.channels.push(ch);
+    this.#lastAccept = performance.now();
+    (ch as unknown as { sock: Socket }).sock = sock;
+    this.#track(sock, 'multifd');
+    sock.on('data', (c: Buffer) => ch.push(c));
+    sock.on('end', () => {
+      ch.end();
+      // In COLO the channels stay open for the whole session (spec §5.7): an EOF is the primary
+      // going away. In precopy a channel may close once its last SYNC is in.
+      if (!ch.failed && this.#inColoState) this.#peerEnded(ch.name);
+      else if (this.#barrier) this.#checkBarrier();
+    });
+    ch.push(first);
+    return true;
+  }
+
+  /**
+   * A connection that is neither main nor multifd. Before a migration has started it fails
+   * the migration (QEMU 10.x: "unknown channel magic"); once one is active, only that
+   * connection is refused, so a stranger cannot break a running COLO pair.
+   */
+  badConnection(err: MigrationError): void {
+    if (this.#main === null && !this.#outcome) this.#endWith(err, false);
+  }
+
+  #track(sock: Socket, kind: string): void {
+    this.#sockets.add(sock);
+    sock.setNoDelay(true);
+    const io = this.#opts.ioTimeoutMs ?? 0;
+    if (io > 0) sock.setTimeout(io, () => this.#ioTimeout(sock, kind));
+    sock.on('error', (e) => this.#peerEnded(kind, e));
+    sock.on('close', () => this.#sockets.delete(sock));
+  }
+
+  /** Socket timeout: only an error when the peer stopped in the middle of something. */
+  #ioTimeout(sock: Socket, kind: string): void {
+    if (this.#outcome) return;
+    const ms = this.#opts.ioTimeoutMs ?? 0;
+    if (sock === this.#main) {
+      const idle = this.#phase === 'colo-idle' || (this.#phase === 'done');
+      if (idle || (this.#phase === 'savevm' && this.#vm.atBoundary && this.#mainQ.length === 0 && this.#barrier !== null)) return;
+      this.#endWith(wireError('ERR_TIMEOUT', `main: no data for ${ms} ms in phase ${this.#phase}`, 'main', this.#mainQ.consumed), true);
+      return;
+    }
+    const ch = this.channels.find((c) => (c as unknown as { sock: Socket }).sock === sock);
+    if (ch && !ch.quiescent) this.#endWith(wireError('ERR_TIMEOUT', `${ch.name}: no data for ${ms} ms inside a packet`, ch.name, ch.q.consumed), true);
+    void kind;
+  }
+
+  // ---------------------------------------------------------------- memory & modes
+
+  #writeMode(): WriteMode { return this.#inColoState ? WRITE_CACHE : this.#colo ? WRITE_BOTH : WRITE_GUEST; }
+
+  readonly #ramSink: RamSink = {
+    onMemSize: (list) => {
+      if (this.blocks.blocks.length > 0) throw wireError('ERR_UNKNOWN_SECTION', 'ram: second MEM_SIZE list', 'main', this.#mainQ.consumed);
+      for (const { idstr, usedLength } of list) {
+        const b = this.blocks.add(idstr, usedLength);
+        if (this.#colo) b.enableColo();
+      }
+      this.log.info({ blocks: list.length, bytes: this.blocks.totalBytes }, 'RAMBlock list received');
+    },
+    findBlock: (idstr) => this.blocks.get(idstr),
+    writeMode: () => this.#writeMode(),
+  };
+
+  #enableColo(): void {
+    if (this.#colo) return;
+    this.#colo = true;
+    for (const b of this.blocks.blocks) b.enableColo();
+  }
+
+  // ---------------------------------------------------------------- main channel
+
+  readonly #vmSink: VmStateSink = {
+    onConfiguration: (machine, raw) => {
+      this.#machine = machine;
+      this.#configRaw = raw;
+      this.log.info({ machine }, 'configuration');
+    },
+    onCommand: (cmd, payload) => {
+      if (cmd === MIG_CMD_ENABLE_COLO) { this.log.info('ENABLE_COLO: COLO mode'); this.#enableColo(); }
+      else if (cmd === MIG_CMD_OPEN_RETURN_PATH) this.#returnPath = true;
+      else if (cmd === MIG_CMD_PING) {
+        if (!this.#returnPath) throw wireError('ERR_UNKNOWN_SECTION', 'main: PING without a return path', 'main', this.#mainQ.consumed);
+        this.#rpSend(MIG_RP_MSG_PONG, payload);
+      }
+      // MIG_CMD_SWITCHOVER_START: a no-op for a RAM-only receiver (spec §4.4)
+    },
+    onSection: (h: SectionHeader) => { this.emit('section', h); },
+    onRamEos: () => {
+      if (this.#syncScheme === 'unknown') this.#syncScheme = 'per-section';
+      return this.#syncScheme === 'per-section' ? this.#runBarrier() : undefined;
+    },
+    onRamFlush: () => {
+      if (this.#syncScheme === 'per-section') throw wireError('ERR_SYNC', 'main: MULTIFD_FLUSH in a per-section stream', 'main', this.#mainQ.consumed);
+      this.#syncScheme = 'per-round';
+      return this.#runBarrier();
+    },
+    onDeviceSection: (_h, raw) => { this.#deviceSections.push(raw); },
+  };
+
+  #rpSend(type: number, payload: Buffer): void {
+    const h = Buffer.allocUnsafe(4);
+    h.writeUInt16BE(type, 0);
+    h.writeUInt16BE(payload.length, 2);
+    this.#main?.write(Buffer.concat([h, payload]));
+  }
+
+  #reply(msg: number): void {
+    this.log.debug({ checkpoint: this.#cur?.index }, `send ${COLO_MESSAGE_NAMES[msg]}`);
+    this.#main?.write(be32(msg));
+  }
+
+  #pumping = false;
+  #pumpMain(): void {
+    if (this.#pumping || this.#outcome) return;
+    this.#pumping = true;
+    try {
+      // The peer may close right after its last bytes while we still hold them (behind a
+      // barrier): its EOF counts only once everything buffered has been parsed.
+      if (this.#stepMain() === 'data' && this.#mainEnded) this.#peerEnded('main');
+    } catch (e) {
+      this.#endWith(this.#asError(e, 'main', this.#mainQ.consumed), false);
+    } finally {
+      this.#pumping = false;
+    }
+  }
+
+  /** Runs the main channel until it needs bytes ('data') or waits for a barrier or commit ('wait'). */
+  #stepMain(): 'data' | 'wait' {
+    const q = this.#mainQ;
+    for (;;) {
+      if (this.#outcome) return 'wait';
+      switch (this.#phase) {
+        case 'savevm': {
+          const r = this.#vm.feed();
+          if (r === 'blocked') return 'data';
+          if (r === 'held') {
+            this.#main?.pause();
+            this.#vm.held!.then(() => { this.#main?.resume(); this.#pumpMain(); },
+              (e: unknown) => this.#endWith(this.#asError(e, 'main', q.consumed), false));
+            return 'wait';
+          }
+          if (!this.#initialDone) {
+            if (this.#vm.expectVmdesc) { this.#vm.beginVmdesc(); this.#phase = 'vmdesc'; } else this.#finishInitial();
+          } else {
+            this.#cur!.tRamDone = performance.now();
+            this.#phase = 'colo-size';
+          }
+          break;
+        }
+        case 'vmdesc': {
+          const r = this.#vm.feed();
+          if (r !== 'vmdesc') return 'data';
+          this.#finishInitial();
+          break;
+        }
+        case 'colo-idle': {
+          if (q.length < 4) return 'data';
+          const at = q.consumed;
+          const msg = q.take(4).readUInt32BE(0);
+          this.#expectMsg(msg, COLO_MESSAGE_CHECKPOINT_REQUEST, at);
+          this.#cur = this.stats.begin(this.#committed + 1, performance.now());
+          this.#snapshotCounters();
+          this.#reply(COLO_MESSAGE_CHECKPOINT_REPLY);
+          this.#phase = 'colo-send';
+          break;
+        }
+        case 'colo-send': {
+          if (q.length < 4) return 'data';
+          const at = q.consumed;
+          this.#expectMsg(q.take(4).readUInt32BE(0), COLO_MESSAGE_VMSTATE_SEND, at);
+          this.#cur!.tSend = performance.now();
+          this.#vm.beginRecords();
+          this.#phase = 'savevm';
+          break;
+        }
+        case 'colo-size': {
+          if (q.length < 12) return 'data';
+          const at = q.consumed;
+          const b = q.take(12);
+          this.#expectMsg(b.readUInt32BE(0), COLO_MESSAGE_VMSTATE_SIZE, at);
+          const hi = b.readUInt32BE(4), lo = b.readUInt32BE(8);
+          const size = hi * 2 ** 32 + lo;
+          if (hi > 0x1f_ffff || size > this.limits.maxBlobBytes) throw wireError('ERR_LIMIT', `main: VMSTATE_SIZE ${size} above the cap ${this.limits.maxBlobBytes}`, 'main', at + 4);
+          if (size < 1) throw wireError('ERR_COLO_PROTOCOL', 'main: empty device-state blob', 'main', at + 4);
+          this.#blob = Buffer.allocUnsafe(size);
+          this.#blobAt = 0;
+          this.#phase = 'colo-blob';
+          break;
+        }
+        case 'colo-blob': {
+          const blob = this.#blob!;
+          const n = Math.min(q.length, blob.length - this.#blobAt);
+          if (n > 0) { q.copyInto(blob, this.#blobAt, n); this.#blobAt += n; }
+          if (this.#blobAt < blob.length) return 'data';
+          // The blob is one FULL section per device then QEMU_VM_EOF (spec §5.5).
+          if (blob[blob.length - 1] !== QEMU_VM_EOF) throw wireError('ERR_COLO_PROTOCOL', 'main: device-state blob does not end with QEMU_VM_EOF', 'main', q.consumed - 1);
+          const cur = this.#cur!;
+          cur.tBlob = performance.now();
+          cur.blobBytes = blob.length;
+          this.#reply(COLO_MESSAGE_VMSTATE_RECEIVED);
+          this.#phase = 'committing';
+          this.#main?.pause();
+          this.#commit = this.#commitCheckpoint(blob).then(
+            () => { this.#commit = null; this.#main?.resume(); this.#pumpMain(); },
+            (e: unknown) => { this.#commit = null; this.#endWith(this.#asError(e, 'main', q.consumed), false); },
+          );
+          return 'wait';
+        }
+        case 'committing':
+        case 'done':
+          return 'wait';
+      }
+    }
+  }
+
+  #expectMsg(got: number, want: number, at: number): void {
+    if (got === want) return;
+    const name = got < COLO_MESSAGE__MAX ? COLO_MESSAGE_NAMES[got] : `invalid message ${got}`;
+    throw wireError('ERR_COLO_PROTOCOL', `main: received ${name}, expected ${COLO_MESSAGE_NAMES[want]}`, 'main', at);
+  }
+
+  /** End of the initial migration: all pages are in (the last barrier covered multifd). */
+  #finishInitial(): void {
+    this.#initialDone = true;
+    this.#committedBlob = Buffer.concat(this.#deviceSections);
+    this.#deviceSections = [];
+    this.#committed = 0;
+    const dt = performance.now() - this.#startedAt;
+    const bytes = this.#ram.bytes + this.channels.reduce((s, c) => s + c.bytes, 0);
+    this.log.info({ bytes, pages: this.#ram.pages + this.channels.reduce((s, c) => s + c.pages, 0), ms: Math.round(dt) }, 'initial migration received');
+    if (this.#colo) {
+      // COLO state: from now on pages land in the cache only, with dirty bits (spec §5.6 rule 3).
+      this.#inColoState = true;
+      this.#phase = 'colo-idle';
+      this.#reply(COLO_MESSAGE_CHECKPOINT_READY);
+      this.#armHeartbeat();
+      this.emit('checkpoint', { index: 0, initial: true });
+      return;
+    }
+    this.#phase = 'done';
+    if (this.#returnPath) this.#rpSend(MIG_RP_MSG_SHUT, be32(0));
+    this.#endedAt = performance.now();
+    this.#settle({ kind: 'completed' });
+  }
+
+  /**
+   * colo_flush_ram_cache() + the device-state swap: copy every dirty page cache -> guest on
+   * the pool, then make the blob the committed one, then VMSTATE_LOADED. Nothing reads guest
+   * memory meanwhile: dumps and failover wait for `#commit`.
+   */
+  async #commitCheckpoint(blob: Buffer): Promise<void> {
+    const cur = this.#cur!;
+    cur.tFlushStart = performance.now();
+    cur.flushedPages = await this.pool.flush(this.blocks.blocks.map((b) => b.memory()));
+    cur.tFlushEnd = performance.now();
+    this.#committedBlob = blob.subarray(0, blob.length - 1);
+    this.#committed = cur.index;
+    this.#blob = null;
+    this.#reply(COLO_MESSAGE_VMSTATE_LOADED);
+    cur.tLoaded = performance.now();
+    this.#collectCounters(cur);
+    this.stats.finish(cur);
+    this.#phase = 'colo-idle';
+    this.#armHeartbeat();
+    this.log.info(this.stats.logLine(cur), 'checkpoint');
+    this.emit('checkpoint', { index: cur.index, initial: false, record: cur });
+  }
+
+  #counterBase = { mainPages: 0, mainZero: 0, mainBytes: 0, ch: [] as { pages: number; zero: number; bytes: number }[] };
+  #snapshotCounters(): void {
+    this.#counterBase = {
+      mainPages: this.#ram.pages, mainZero: this.#ram.zeroPages, mainBytes: this.#ram.bytes,
+      ch: this.#sortedChannels().map((c) => ({ pages: c.pages, zero: c.zeroPages, bytes: c.bytes })),
+    };
+  }
+
+  #collectCounters(cur: CheckpointRecord): void {
+    const base = this.#counterBase;
+    cur.pages = this.#ram.pages - base.mainPages;
+    cur.zeroPages = this.#ram.zeroPages - base.mainZero;
+    cur.channelBytes = [this.#ram.bytes - base.mainBytes];
+    this.#sortedChannels().forEach((c, i) => {
+      const b = base.ch[i] ?? { pages: 0, zero: 0, bytes: 0 };
+      cur.pages += c.pages - b.pages;
+      cur.zeroPages += c.zeroPages - b.zero;
+      cur.channelBytes.push(c.bytes - b.bytes);
+    });
+  }
+
+  #sortedChannels(): MultiFDChannel[] { return [...this.channels].sort((a, b) => a.id - b.id); }
+
+  #armHeartbeat(): void {
+    const ms = this.#opts.heartbeatTimeoutMs ?? 0;
+    if (this.#heartbeat) clearTimeout(this.#heartbeat);
+    this.#heartbeat = null;
+    if (ms <= 0 || this.#outcome) return;
+    this.#heartbeat = setTimeout(() => {
+      this.#endWith(wireError('ERR_TIMEOUT', `main: no checkpoint for ${ms} ms (heartbeat timeout)`, 'main', this.#mainQ.consumed), true);
+    }, ms);
+    this.#heartbeat.unref();
+  }
+
+  // ---------------------------------------------------------------- multifd channels & barriers
+
+  readonly #channelSink: ChannelSink = {
+    onHandshake: (ch: MultiFDChannel, init: MultiFDInit) => {
+      const max = this.#expected ?? this.limits.maxChannels;
+      if (init.id >= max) throw wireError('ERR_HANDSHAKE', `multifd: received channel id ${init.id}, expected below ${max}`, ch.name, 24);
+      if (this.#byId.has(init.id)) throw wireError('ERR_HANDSHAKE', `multifd: received id '${init.id}' already setup`, ch.name, 24);
+      const want = this.#opts.expectUuid?.replace(/-/g, '').toLowerCase();
+      if (want !== undefined && init.uuid.toString('hex') !== want) {
+        throw wireError('ERR_HANDSHAKE', `multifd: received uuid '${init.uuid.toString('hex')}' and expected uuid '${want}' for channel ${init.id}`, ch.name, 8);
+      }
+      this.#byId.set(init.id, ch);
+      this.log.debug({ channel: ch.name }, 'multifd channel connected');
+    },
+    findBlock: (idstr) => this.blocks.get(idstr),
+    writeMode: () => this.#writeMode(),
+    submit: (_ch, task: WriteTask) => this.pool.write(task),
+    onSynced: () => { if (this.#barrier) queueMicrotask(() => this.#checkBarrier()); },
+    onBlocked: (ch, blocked) => {
+      const sock = (ch as unknown as { sock: Socket }).sock;
+      if (blocked) sock.pause(); else sock.resume();
+    },
+    onError: (err) => this.#endWith(err, false),
+  };
+
+  /**
+   * multifd_recv_sync_main(): hold the main channel until every channel has written all pages
+   * up to its SYNC packet, then release the channels. Main-channel pages are written
+   * synchronously, so they are complete by construction.
+   */
+  #runBarrier(): Promise<void> | undefined {
+    if (this.#expected === 0) return undefined;
+    if (this.#barriers === 0) this.#firstBarrierAt = performance.now();
+    this.#barriers++;
+    return new Promise<void>((resolve, reject) => {
+      this.#barrier = { resolve, reject };
+      this.#checkBarrier();
+    });
+  }
+
+  #settleTimer: NodeJS.Timeout | null = null;
+  #checkBarrier(): void {
+    const b = this.#barrier;
+    if (!b || this.#outcome) return;
+    if (this.#expected === undefined) {
+      // Channel count not configured (QEMU never sends it, spec §1.1): at the first barrier,
+      // take the channels that connected once none has arrived for AUTO_QUIET_MS and all of
+      // them sit at their SYNC. 7.2 was seen connecting a channel 470 ms after the main
+      // channel's first EOS, hence the long window; --multifd-channels avoids it.
+      const quiet = performance.now() - Math.max(this.#lastAccept, this.#firstBarrierAt) >= AUTO_QUIET_MS;
+      if (quiet && this.channels.every((c) => c.synced)) {
+        this.#expected = this.channels.length;
+        this.#learned = true;
+        this.log.info({ channels: this.#expected }, 'multifd channel count learned at the first barrier');
+      } else {
+        if (!this.#settleTimer) this.#settleTimer = setTimeout(() => { this.#settleTimer = null; this.#checkBarrier(); }, 25);
+        return;
+      }
+    }
+    const gone = this.channels.find((c) => c.exhausted && !c.synced);
+    if (gone) { this.#endWith(wireError('ERR_SYNC', `${gone.name}: connection closed before its SYNC packet for this barrier`, gone.name, gone.q.consumed), true); return; }
+    if (this.channels.length < this.#expected! || !this.channels.every((c) => c.synced)) return;
+    this.#barrier = null;
+    for (const c of this.channels) c.release();
+    b.resolve();
+  }
+
+  // ---------------------------------------------------------------- endings
+
+  #asError(e: unknown, channel: string, at: number): MigrationError {
+    if (e instanceof MigrationError) return e;
+    return new MigrationError('ERR_WORKER', `${channel}: internal error: ${e instanceof Error ? e.message : String(e)}`, channel, at, { cause: e });
+  }
+
+  /** A socket ended or errored. Clean for a channel only between packets. */
+  #peerEnded(channel: string, err?: Error): void {
+    if (this.#outcome) return;
+    if (this.#phase === 'done') return;
+    const why = err ? `${channel}: ${err.message}` : `${channel}: connection closed`;
+    this.#endWith(new MigrationError(this.#phase === 'colo-idle' ? 'ERR_PEER' : 'ERR_TRUNCATED', why, channel, undefined, err ? { cause: err } : undefined), true);
+  }
+
+  /**
+   * Every ending comes through here once. In COLO, after the initial migration, the
+   * committed image survives: a dead peer is a failover, a protocol violation a failure.
+   */
+  #endWith(err: MigrationError, peerLoss: boolean): void {
+    if (this.#outcome) return;
+    if (this.#inColoState && this.#committed >= 0) {
+      const inflight = this.#phase !== 'colo-idle' && this.#phase !== 'committing';
+      if (inflight && this.#cur) this.stats.discard(this.#cur);
+      const reason = `${err.code}: ${err.message}`;
+      this.log[peerLoss ? 'warn' : 'error']({ err, checkpoint: this.#committed }, `COLO ended; ${inflight ? `checkpoint ${this.#cur?.index} discarded; ` : ''}holding committed checkpoint ${this.#committed}`);
+      this.#settle(peerLoss ? { kind: 'primary-lost', reason, error: err } : { kind: 'failed', error: err });
+      return;
+    }
+    this.log.error({ err }, 'migration failed');
+    this.#settle({ kind: 'failed', error: err });
+  }
+
+  #settle(o: Outcome): void {
+    if (this.#outcome) return;
+    this.#outcome = o;
+    if (!this.#endedAt) this.#endedAt = performance.now();
+    if (this.#heartbeat) clearTimeout(this.#heartbeat);
+    if (this.#settleTimer) clearTimeout(this.#settleTimer);
+    if (this.#barrier) { this.#barrier.reject(o.kind === 'completed' ? new Error('closed') : (o as { error?: MigrationError }).error ?? new Error('closed')); this.#barrier = null; }
+    for (const c of this.channels) if (!c.failed) (c as unknown as { sock: Socket }).sock.destroy();
+    if (o.kind !== 'completed') this.#main?.destroy();
+    else this.#main?.end();
+    this.emit('end', o);
+    // The commit in flight (if any) finishes before the outcome is visible: the image a caller
+    // reads afterwards is a complete checkpoint.
+    void (this.#commit ?? Promise.resolve()).then(() => this.#resolveDone(o));
+  }
+
+  /** Stop accepting and tear everything down. */
+  async close(): Promise<void> {
+    this.#settle({ kind: 'failed', error: new MigrationError('ERR_PEER', 'closed by the receiver') });
+    for (const s of this.#sockets) s.destroy();
+    await this.done;
+    await this.pool.close();
+  }
+
+  // ---------------------------------------------------------------- results
+
+  get phase(): Phase { return this.#phase; }
+  get isColo(): boolean { return this.#colo; }
+  get committedCheckpoint(): number { return this.#committed; }
+  get durationMs(): number { return (this.#endedAt || performance.now()) - this.#startedAt; }
+  get syncScheme(): string { return this.#syncScheme; }
+  get barriers(): number { return this.#barriers; }
+
+  /** The VM as of the last complete checkpoint (spec §5.6), or null before the initial migration ends. */
+  async committedImage(): Promise<CommittedImage | null> {
+    if (this.#commit) await this.#commit;
+    if (this.#committed < 0 || this.#committedBlob === null) return null;
+    return {
+      checkpoint: this.#committed,
+      machineType: this.#machine,
+      configuration: this.#configRaw,
+      ramSectionId: this.#vm.ramSectionId,
+      blocks: this.blocks.blocks.map((b: RAMBlock) => ({ idstr: b.idstr, usedLength: b.usedLength, views: b.guest.views })),
+      deviceState: this.#committedBlob,
+    };
+  }
+
+  /** Totals for --stats-json. */
+  summary(): Record<string, unknown> {
+    const chans = this.#sortedChannels();
+    const mainBytes = this.#ram.bytes;
+    const bytes = mainBytes + chans.reduce((s, c) => s + c.bytes, 0);
+    const secs = this.durationMs / 1000;
+    return {
+      outcome: this.#outcome?.kind ?? 'running',
+      machineType: this.#machine,
+      colo: this.#colo,
+      committedCheckpoint: this.#committed,
+      syncScheme: this.#syncScheme,
+      barriers: this.#barriers,
+      durationMs: Math.round(this.durationMs * 1000) / 1000,
+      bytes,
+      gbPerSec: secs > 0 ? bytes / secs / 1e9 : 0,
+      pages: this.#ram.pages + chans.reduce((s, c) => s + c.pages, 0),
+      zeroPages: this.#ram.zeroPages + chans.reduce((s, c) => s + c.zeroPages, 0),
+      channels: [
+        { channel: 'main', bytes: mainBytes, pages: this.#ram.pages, zeroPages: this.#ram.zeroPages },
+        ...chans.map((c) => ({ channel: c.name, bytes: c.bytes, pages: c.pages, zeroPages: c.zeroPages, packets: c.packets, syncs: c.syncs })),
+      ],
+      blocks: this.blocks.blocks.map((b) => ({ idstr: b.idstr, usedLength: b.usedLength })),
+      checkpoints: this.stats.summary(),
+    };
+  }
+}

@@ -1,0 +1,239 @@
+import { MigrationError, wireError } from '../errors.js';
+import { SLOT_BYTES, SLOT_INDEX_BYTES, type WriteMode, type WriteTask } from '../memory/page-writer.js';
+import type { RAMBlock } from '../memory/ram-block.js';
+import { ByteQueue } from '../wire/byte-queue.js';
+import {
+  MULTIFD_FLAG_SYNC, MULTIFD_INIT_LEN, MULTIFD_PACKET_COMMON_HEADER_LEN, MULTIFD_PACKET_HEADER_LEN, TARGET_PAGE_SIZE,
+} from '../wire/constants.js';
+import type { Limits } from './limits.js';
+import { checkPacketCommon, decodeMultiFDInit, decodeMultiFDPacket, type Compression, type MultiFDInit, type MultiFDPacket } from './multifd-packet.js';
+
+export interface ChannelSink {
+  /** Handshake decoded: check id range, duplicates, uuid; throw a MigrationError to refuse. */
+  onHandshake(ch: MultiFDChannel, init: MultiFDInit): void;
+  findBlock(idstr: string): RAMBlock | undefined;
+  writeMode(): WriteMode;
+  /** Runs a packet's page writes; compression methods route it to the channel's own decoder. */
+  submit(ch: MultiFDChannel, task: WriteTask, compressedBytes: number): Promise<number>;
+  /** Every page up to and including this channel's SYNC packet is written (spec §3.1 "arrived"). */
+  onSynced(ch: MultiFDChannel): void;
+  /** The channel cannot take more bytes now (no staging slot, or parked at SYNC). */
+  onBlocked(ch: MultiFDChannel, blocked: boolean): void;
+  onError(err: MigrationError): void;
+}
+
+const St = { Init: 0, Header: 1, WaitSlot: 2, Payload: 3, AtSync: 4, Failed: 5, Ended: 6 } as const;
+type St = (typeof St)[keyof typeof St];
+
+/**
+ * One multifd connection (the receive side of multifd_recv_thread): MultiFDInit_t, then
+ * packets. Parsing stays on the main thread; each packet's payload is copied once from the
+ * socket chunks into a SharedArrayBuffer staging slot and handed to a page writer as one task.
+ * After a SYNC packet the channel parks until the main channel's barrier releases it.
+ */
+export class MultiFDChannel {
+  id = -1;
+  name = 'multifd/?';
+  readonly q = new ByteQueue();
+  readonly staging: SharedArrayBuffer;
+  readonly #slotIndex: Uint32Array;
+  readonly #slotBytes: Uint8Array;
+  readonly #free: number[] = [];
+  #state: St = St.Init;
+  #pkt: MultiFDPacket | null = null;
+  #pktAt = 0;
+  #block: RAMBlock | undefined;
+  #slot = -1;
+  #payloadLeft = 0;
+  #inflight = 0;
+  #syncPending = false;
+  #blocked = false;
+  #ended = false;
+  /** Counters: packets, pages, zero pages, payload bytes (wire), for stats. */
+  packets = 0;
+  pages = 0;
+  zeroPages = 0;
+  bytes = 0;
+  syncs = 0;
+
+  constructor(private readonly sink: ChannelSink, private readonly compression: Compression,
+              private readonly limits: Limits, slots = 4) {
+    this.staging = new SharedArrayBuffer(slots * SLOT_BYTES);
+    this.#slotIndex = new Uint32Array(this.staging);
+    this.#slotBytes = new Uint8Array(this.staging);
+    for (let s = slots - 1; s >= 0; s--) this.#free.push(s * SLOT_BYTES);
+  }
+
+  get failed(): boolean { return this.#state === St.Failed; }
+  /** Parked at a SYNC packet, waiting for the main channel's barrier. */
+  get atSync(): boolean { return this.#state === St.AtSync; }
+  /** SYNC seen and every write before it done. */
+  get synced(): boolean { return this.#state === St.AtSync && this.#inflight === 0; }
+  get ended(): boolean { return this.#ended; }
+  /** Between packets with nothing in flight: a clean place for the peer to stop. */
+  get quiescent(): boolean { return (this.#state === St.Header || this.#state === St.AtSync) && this.q.length === 0 && this.#inflight === 0; }
+
+  push(chunk: Buffer): void {
+    if (this.#state === St.Failed) return;
+    this.q.push(chunk);
+    this.#pump();
+  }
+
+  /** The barrier released this channel: continue with the packets after its SYNC. */
+  release(): void {
+    if (this.#state !== St.AtSync) return;
+    this.#syncPending = false;
+    this.#state = St.Header;
+    this.#pump();
+  }
+
+  /**
+   * Socket EOF. Bytes still queued (the channel may be parked at a SYNC) are parsed first;
+   * the EOF is clean only if they end at a packet boundary (spec §2.1).
+   */
+  end(): void {
+    this.#ended = true;
+    this.#pump();
+  }
+
+  /** Ended, and everything it sent has been parsed. */
+  get exhausted(): boolean { return this.#ended && this.q.length === 0 && (this.#state === St.Header || this.#state === St.AtSync || this.#state === St.Ended); }
+
+  fail(err: MigrationError): void { this.#fail(err); }
+
+  #fail(err: MigrationError): void {
+    if (this.#state === St.Failed) return;
+    this.#state = St.Failed;
+    this.q.clear();
+    this.sink.onError(err);
+  }
+
+  #setBlocked(b: boolean): void {
+    if (b !== this.#blocked) { this.#blocked = b; this.sink.onBlocked(this, b); }
+  }
+
+  #pump(): void {
+    try {
+      this.#step();
+      if (this.#ended && this.#state !== St.AtSync && this.#state !== St.Failed && this.#state !== St.WaitSlot && !(this.#state === St.Header && this.q.length === 0)) {
+        throw wireError('ERR_TRUNCATED', `${this.name}: connection closed inside ${this.#state === St.Init ? 'the handshake' : 'a packet'}`, this.name, this.q.consumed);
+      }
+    } catch (e) {
+      this.#fail(e instanceof MigrationError ? e : wireError('ERR_WORKER', `${this.name}: ${String(e)}`, this.name, this.q.consumed));
+    }
+  }
+
+  #step(): void {
+    const q = this.q;
+    for (;;) {
+      switch (this.#state) {
+        case St.Init: {
+          if (q.length < MULTIFD_INIT_LEN) return this.#setBlocked(false);
+          const at = q.consumed;
+          const init = decodeMultiFDInit(q.take(MULTIFD_INIT_LEN), this.name, at);
+          this.id = init.id;
+          this.name = `multifd/${init.id}`;
+          this.sink.onHandshake(this, init);
+          this.#state = St.Header;
+          break;
+        }
+        case St.Header: {
+          // 10.0+ reads the 12-byte common header first and fails early on a device-state
+          // packet; checking it before waiting for all 1344 bytes gives the same error here.
+          if (q.length >= MULTIFD_PACKET_COMMON_HEADER_LEN && q.length < MULTIFD_PACKET_HEADER_LEN) {
+            checkPacketCommon(q.peek(MULTIFD_PACKET_COMMON_HEADER_LEN), this.name, q.consumed);
+          }
+          if (q.length < MULTIFD_PACKET_HEADER_LEN) return this.#setBlocked(false);
+          this.#pktAt = q.consumed;
+          const p = decodeMultiFDPacket(q.take(MULTIFD_PACKET_HEADER_LEN), this.name, this.#pktAt, this.compression, this.limits.maxPacketPayload);
+          this.#pkt = p;
+          this.packets++;
+          const n = p.normalPages + p.zeroPages;
+          if (n > 0) {
+            const block = this.sink.findBlock(p.ramblock);
+            if (!block) throw wireError('ERR_UNKNOWN_RAMBLOCK', `${this.name}: unknown ram block ${p.ramblock}`, this.name, this.#pktAt + 64);
+            for (let k = 0; k < n; k++) {
+              const off = p.offsets[k]!;
+              // QEMU checks only offset <= used_length - P; an unaligned offset would make a
+              // page straddle two pages of ours, so it is refused too.
+              if (off + TARGET_PAGE_SIZE > block.usedLength || off % TARGET_PAGE_SIZE !== 0) {
+                throw wireError('ERR_RANGE', `${this.name}: offset too long 0x${off.toString(16)} (max 0x${(block.usedLength - TARGET_PAGE_SIZE).toString(16)}) in block ${block.idstr}`, this.name, this.#pktAt + 320 + 8 * k);
+              }
+            }
+            this.#block = block;
+            this.#state = St.WaitSlot;
+          } else {
+            this.#afterPacket();
+          }
+          break;
+        }
+        case St.WaitSlot: {
+          const slot = this.#free.pop();
+          if (slot === undefined) return this.#setBlocked(true);
+          this.#slot = slot;
+          const p = this.#pkt!;
+          const idx = slot / 4;
+          for (let k = 0; k < p.normalPages + p.zeroPages; k++) this.#slotIndex[idx + k] = p.offsets[k]! / TARGET_PAGE_SIZE;
+          this.#payloadLeft = p.payloadLen;
+          this.#state = St.Payload;
+          break;
+        }
+        case St.Payload: {
+          const p = this.#pkt!;
+          const n = Math.min(this.#payloadLeft, q.length);
+          if (n > 0) {
+            q.copyInto(this.#slotBytes, this.#slot + SLOT_INDEX_BYTES + p.payloadLen - this.#payloadLeft, n);
+            this.#payloadLeft -= n;
+          }
+          if (this.#payloadLeft > 0) return this.#setBlocked(false);
+          this.#dispatch(p, this.#block!, this.#slot);
+          this.#afterPacket();
+          break;
+        }
+        case St.AtSync:
+          return this.#setBlocked(true);
+        case St.Failed:
+        case St.Ended:
+          return;
+      }
+    }
+  }
+
+  #dispatch(p: MultiFDPacket, block: RAMBlock, slot: number): void {
+    const task: WriteTask = {
+      op: 'write', mem: block.memory(), mode: this.sink.writeMode(), staging: this.staging,
+      slotOffset: slot, normalPages: p.normalPages, zeroPages: p.zeroPages,
+    };
+    this.#inflight++;
+    this.pages += p.normalPages;
+    this.zeroPages += p.zeroPages;
+    this.bytes += p.payloadLen;
+    this.sink.submit(this, task, this.compression === 'none' ? 0 : p.payloadLen).then(
+      () => {
+        this.#inflight--;
+        this.#free.push(slot);
+        if (this.#state === St.Failed) return;
+        if (this.#state === St.AtSync) { if (this.#inflight === 0) this.sink.onSynced(this); return; }
+        this.#pump();
+      },
+      (e: unknown) => {
+        this.#inflight--;
+        this.#fail(e instanceof MigrationError ? e : new MigrationError('ERR_WORKER', `${this.name}: page writer failed: ${String(e)}`, this.name, this.#pktAt, { cause: e }));
+      },
+    );
+  }
+
+  /** Pages of a SYNC packet are processed before it counts as a sync point (spec §2.9). */
+  #afterPacket(): void {
+    const p = this.#pkt!;
+    this.#pkt = null;
+    if (p.flags & MULTIFD_FLAG_SYNC) {
+      this.syncs++;
+      this.#syncPending = true;
+      this.#state = St.AtSync;
+      if (this.#inflight === 0) this.sink.onSynced(this);
+    } else {
+      this.#state = St.Header;
+    }
+  }
+}
