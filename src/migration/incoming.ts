@@ -239,6 +239,7 @@ export class IncomingMigration extends EventEmitter {
     },
     onSection: (h: SectionHeader) => { this.emit('section', h); },
     onRamEos: () => {
+      if (this.log.isLevelEnabled('debug')) this.log.debug({ t: performance.now() - (this.#cur?.tSend ?? 0) }, 'ram EOS');
       if (this.#syncScheme === 'unknown') this.#syncScheme = 'per-section';
       return this.#syncScheme === 'per-section' ? this.#runBarrier() : undefined;
     },
@@ -470,7 +471,9 @@ export class IncomingMigration extends EventEmitter {
     findBlock: (idstr) => this.blocks.get(idstr),
     writeMode: () => this.#writeMode(),
     submit: (_ch, task: WriteTask) => this.pool.write(task),
-    onSynced: () => { if (this.#barrier) queueMicrotask(() => this.#checkBarrier()); },
+    onSynced: (ch) => {
+      if (this.log.isLevelEnabled('debug')) this.log.debug({ channel: ch.name, t: performance.now() - (this.#cur?.tSend ?? 0) }, 'synced');
+      if (this.#barrier) queueMicrotask(() => this.#checkBarrier()); },
     onBlocked: (ch, blocked) => {
       const sock = (ch as unknown as { sock: Socket }).sock;
       if (blocked) sock.pause(); else sock.resume();

@@ -1,6 +1,7 @@
 import { availableParallelism } from 'node:os';
 import { Piscina } from 'piscina';
-import type { FlushTask, PageTask, WriteTask } from '../memory/page-writer.js';
+import { planFlush } from '../memory/colo-flush.js';
+import { runFlushTask, type PageTask, type WriteTask } from '../memory/page-writer.js';
 import type { BlockMemory } from '../memory/shared-layout.js';
 
 const WORKER_URL = new URL('../../workers/page-writer.js', import.meta.url).href;
@@ -40,23 +41,16 @@ export class PagePool {
   write(task: WriteTask): Promise<number> { return this.#pool.run(task); }
 
   /**
-   * colo_flush_ram_cache(): every worker takes a disjoint range of bitmap words, so the copy
-   * cache -> guest runs on all cores. Resolves with the number of pages copied.
+   * colo_flush_ram_cache() on the pool: the dirty ranges are split into about `threads`
+   * tasks of equal page counts, so the copy cache -> guest runs on every core. Below
+   * `inlinePages` dirty pages the copy runs on this thread: a few hundred pages copy in well
+   * under the cost of waking the workers (bench/flush measures the break-even).
+   * Resolves with the number of pages copied.
    */
-  async flush(blocks: BlockMemory[]): Promise<number> {
-    const tasks: Promise<number>[] = [];
-    for (const mem of blocks) {
-      if (!mem.dirty || !mem.cache) continue;
-      const words = mem.dirty.byteLength / 4;
-      // Ranges of at least 8192 words (256 K pages = 1 GiB) would leave cores idle on a small
-      // block; split each block into `threads` ranges and let piscina spread them.
-      const per = Math.max(64, Math.ceil(words / this.threads));
-      for (let from = 0; from < words; from += per) {
-        const t: FlushTask = { op: 'flush', mem, wordFrom: from, wordTo: Math.min(words, from + per) };
-        tasks.push(this.#pool.run(t));
-      }
-    }
-    const done = await Promise.all(tasks);
+  async flush(blocks: BlockMemory[], inlinePages = 256): Promise<number> {
+    const { tasks, pages } = planFlush(blocks, this.threads);
+    if (pages <= inlinePages) return tasks.reduce((n, t) => n + runFlushTask(t), 0);
+    const done = await Promise.all(tasks.map((t) => this.#pool.run(t)));
     return done.reduce((a, b) => a + b, 0);
   }
 
