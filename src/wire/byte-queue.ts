@@ -50,7 +50,9 @@ export class ByteQueue {
   /** First n bytes without consuming (a copy when they span chunks). */
   peek(n: number): Buffer {
     assert(n <= this.#length, 'peek past end');
-    const head = this.#chunks[0]!;
+    // peek(0) of an empty queue has no head chunk: return an empty buffer, not a TypeError.
+    const head = this.#chunks[0];
+    if (head === undefined) return Buffer.alloc(0);
     if (n <= head.length) return head.subarray(0, n);
     const out = Buffer.allocUnsafe(n);
     let at = 0;
