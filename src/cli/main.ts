@@ -2,6 +2,7 @@
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { createLogger } from '../log.js';
 import type { Compression } from '../migration/multifd-packet.js';
+import { parseFailoverAction, type FailoverAction } from '../restore/failover.js';
 import { receive } from './receive.js';
 
 const HELP = `colo-receiver: a store-only QEMU COLO secondary (QEMU migration wire protocol, multifd, COLO)
@@ -31,6 +32,9 @@ listen options:
   --allow HOST[,HOST]       accept connections only from these peer addresses
   --io-timeout MS           fail when a peer stalls mid-record for MS (default 10000)
   --heartbeat-timeout MS    COLO: no checkpoint for MS means the primary is gone (default 5000)
+  --on-failover ACTION      COLO: when the primary is lost, resume=tcp:HOST:PORT migrates the
+                            committed image into a waiting 'qemu-system-x86_64 -incoming
+                            tcp:HOST:PORT'; save=PATH writes it for -incoming "exec:cat PATH"
   --max-ram BYTES           cap on the total RAM a source may announce (default 64 GiB)
   --max-blob BYTES          cap on a COLO device-state blob (default 256 MiB)
   --log-level LEVEL         pino level (default info; LOG_LEVEL also works)
@@ -57,6 +61,7 @@ const LISTEN = {
   'heartbeat-timeout': { type: 'string', default: '5000' },
   'max-ram': { type: 'string' },
   'max-blob': { type: 'string' },
+  'on-failover': { type: 'string' },
   'log-level': { type: 'string' },
   'no-progress': { type: 'boolean', default: false },
   help: { type: 'boolean', short: 'h', default: false },
@@ -68,6 +73,10 @@ function int(v: unknown, name: string, min: number, max: number): number {
   const n = Number(v);
   if (typeof v !== 'string' || !/^\d+$/.test(v) || n < min || n > max) throw new UsageError(`--${name} must be an integer in ${min}..${max}, got ${String(v)}`);
   return n;
+}
+
+function failoverAction(spec: string): FailoverAction {
+  try { return parseFailoverAction(spec); } catch (e) { throw new UsageError((e as Error).message); }
 }
 
 async function listen(argv: string[]): Promise<number> {
@@ -97,6 +106,7 @@ async function listen(argv: string[]): Promise<number> {
     ioTimeoutMs: int(o['io-timeout'], 'io-timeout', 0, 2 ** 31 - 1),
     heartbeatTimeoutMs: int(o['heartbeat-timeout'], 'heartbeat-timeout', 0, 2 ** 31 - 1),
     limits,
+    onFailover: o['on-failover'] !== undefined ? failoverAction(String(o['on-failover'])) : undefined,
     progress: process.stderr.isTTY === true && !o['no-progress'],
     log,
   });

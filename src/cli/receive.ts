@@ -5,6 +5,8 @@ import type { Logger } from '../log.js';
 import { IncomingMigration, type IncomingOptions, type Outcome } from '../migration/incoming.js';
 import { dumpFileName, type CommittedImage } from '../migration/committed-image.js';
 import { listenForMigration } from '../net/listener.js';
+import { runFailover, type FailoverAction } from '../restore/failover.js';
+import { performance } from 'node:perf_hooks';
 
 export interface ReceiveOptions extends IncomingOptions {
   host: string;
@@ -17,11 +19,13 @@ export interface ReceiveOptions extends IncomingOptions {
   log: Logger;
   /** Called with the bound port once listening (tests and the demo use port 0). */
   onListening?: (port: number) => void;
+  /** COLO: what to do with the committed image when the primary is lost (--on-failover). */
+  onFailover?: FailoverAction | undefined;
   /** Called after the migration ended, with the committed image still readable (failover). */
   onEnded?: (mig: IncomingMigration, outcome: Outcome) => Promise<void>;
 }
 
-export interface ReceiveResult { outcome: Outcome; summary: Record<string, unknown>; mig: IncomingMigration }
+export interface ReceiveResult { outcome: Outcome; summary: Record<string, unknown>; mig: IncomingMigration; failover?: { ms: number; bytes: number; checkpoint: number } }
 
 /** Writes each RAMBlock of the image to DIR/<idstr>.bin and the device state to DIR/device-state.bin. */
 export async function dumpImage(img: CommittedImage, dir: string): Promise<void> {
@@ -66,12 +70,23 @@ export async function receive(opts: ReceiveOptions): Promise<ReceiveResult> {
       }, 500);
       timer.unref();
     }
+    let endedAt = 0;
+    mig.once('end', () => { endedAt = performance.now(); });
     const outcome = await mig.done;
     if (timer) { clearInterval(timer); process.stderr.write('\n'); }
     server.close();
     const summary = mig.summary();
     if (opts.onEnded) await opts.onEnded(mig, outcome);
     const img = await mig.committedImage();
+    let failover: ReceiveResult['failover'];
+    if (opts.onFailover && img && outcome.kind === 'primary-lost') {
+      const total = img.blocks.reduce((s2, b) => s2 + b.usedLength, 0);
+      const progress = opts.progress ? (n: number) => process.stderr.write(`\rfailover: ${(n / 1e6).toFixed(0)} MB of ~${(total / 1e6).toFixed(0)} MB  `) : undefined;
+      const r = await runFailover(img, opts.onFailover, log, endedAt || performance.now(), progress);
+      if (progress) process.stderr.write('\n');
+      failover = { ...r, checkpoint: img.checkpoint };
+      summary.failover = failover;
+    }
     if (opts.dumpRam && img && outcome.kind !== 'failed' ) {
       await dumpImage(img, opts.dumpRam);
       log.info({ checkpoint: img.checkpoint, dir: opts.dumpRam }, 'committed image written');
@@ -82,7 +97,7 @@ export async function receive(opts: ReceiveOptions): Promise<ReceiveResult> {
     }
     if (opts.statsJson) await writeFile(opts.statsJson, JSON.stringify(summary, null, 2) + '\n');
     if (opts.checkpointsCsv) await writeFile(opts.checkpointsCsv, mig.stats.csv());
-    return { outcome, summary, mig };
+    return { outcome, summary, mig, ...(failover ? { failover } : {}) };
   } finally {
     if (timer) clearInterval(timer);
     server?.close();

@@ -130,9 +130,13 @@ export async function openTarget(t: ResumeTarget): Promise<Writable> {
 export async function sendImage(img: CommittedImage, t: ResumeTarget, onProgress?: (bytes: number) => void): Promise<number> {
   const w = await openTarget(t);
   try {
+    const closed = t.kind === 'tcp' ? once(w, 'close') : null;
     const n = await writeImageStream(img, w, onProgress);
     w.end();
-    await once(w, t.kind === 'file' ? 'finish' : 'finish');
+    await once(w, 'finish');
+    // QEMU closes the incoming connection once it has loaded the stream (no return path):
+    // the close is the moment the destination holds the VM.
+    if (closed) await closed;
     return n;
   } catch (e) {
     w.destroy();
