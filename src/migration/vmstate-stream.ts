@@ -75,6 +75,17 @@ export class VmStateParser {
   }
 
   feed(): FeedResult {
+    // Errors raised by the ram parser or a sink callback (not only #err) must fail the parser
+    // too: otherwise the next feed() resumes mid-record and parses page bytes as records (STYLE §3).
+    try {
+      return this.#feed();
+    } catch (e) {
+      this.#state = S.Failed;
+      throw e;
+    }
+  }
+
+  #feed(): FeedResult {
     const q = this.q;
     if (this.#held) return 'held';
     for (;;) {
