@@ -60,8 +60,10 @@ export class RamSectionParser {
         case RamState.Record: {
           if (q.length < 8) return 'blocked';
           const at = q.consumed;
-          const b = q.take(8);    // be64 "addr | flags"; flags sit below the target page size
-          const hi = b.readUInt32BE(0), lo = b.readUInt32BE(4);
+          // be64 "addr | flags"; flags sit below the target page size. Read in place: no
+          // Buffer per record on the per-page path.
+          const hi = q.peekU32(0), lo = q.peekU32(4);
+          q.skip(8);
           if (hi > 0x1f_ffff) throw wireError('ERR_RANGE', `ram: record address 0x${hex(hi)}${hex(lo)} above 2^53`, this.channel, at);
           this.#flags = lo & (TARGET_PAGE_SIZE - 1);
           this.#addr = hi * 2 ** 32 + (lo - this.#flags);
