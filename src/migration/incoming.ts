@@ -478,7 +478,8 @@ export class IncomingMigration extends EventEmitter {
       const sock = (ch as unknown as { sock: Socket }).sock;
       if (blocked) sock.pause(); else sock.resume();
     },
-    onError: (err) => this.#endWith(err, false),
+    // A packet cut by the peer's EOF is the primary going away, not bad input.
+    onError: (err, ch) => this.#endWith(err, ch.ended && err.code === 'ERR_TRUNCATED'),
   };
 
   /**
@@ -515,7 +516,7 @@ export class IncomingMigration extends EventEmitter {
         return;
       }
     }
-    const gone = this.channels.find((c) => c.exhausted && !c.synced);
+    const gone = this.channels.find((c) => c.exhausted && !c.atSync);
     if (gone) { this.#endWith(wireError('ERR_SYNC', `${gone.name}: connection closed before its SYNC packet for this barrier`, gone.name, gone.q.consumed), true); return; }
     if (this.channels.length < this.#expected! || !this.channels.every((c) => c.synced)) return;
     this.#barrier = null;

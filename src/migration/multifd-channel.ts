@@ -19,7 +19,8 @@ export interface ChannelSink {
   onSynced(ch: MultiFDChannel): void;
   /** The channel cannot take more bytes now (no staging slot, or parked at SYNC). */
   onBlocked(ch: MultiFDChannel, blocked: boolean): void;
-  onError(err: MigrationError): void;
+  /** The channel failed (after its peer closed, if `ch.ended`). */
+  onError(err: MigrationError, ch: MultiFDChannel): void;
 }
 
 const St = { Init: 0, Header: 1, WaitSlot: 2, Payload: 3, AtSync: 4, Failed: 5, Ended: 6 } as const;
@@ -105,7 +106,7 @@ export class MultiFDChannel {
     if (this.#state === St.Failed) return;
     this.#state = St.Failed;
     this.q.clear();
-    this.sink.onError(err);
+    this.sink.onError(err, this);
   }
 
   #setBlocked(b: boolean): void {
