@@ -37,6 +37,10 @@ listen options:
                             tcp:HOST:PORT'; save=PATH writes it for -incoming "exec:cat PATH"
   --max-ram BYTES           cap on the total RAM a source may announce (default 64 GiB)
   --max-blob BYTES          cap on a COLO device-state blob (default 256 MiB)
+  --max-blocks N            cap on the RAMBlocks in MEM_SIZE (default 1024)
+  --max-section BYTES       cap on one device section of the initial migration (default 64 MiB)
+  --max-vmdesc BYTES        cap on the VMDESCRIPTION JSON (default 64 MiB)
+  --max-channels N          cap on multifd connections (default 255)
   --log-level LEVEL         pino level (default info; LOG_LEVEL also works)
   --no-progress             no progress line on a terminal
 
@@ -61,6 +65,10 @@ const LISTEN = {
   'heartbeat-timeout': { type: 'string', default: '5000' },
   'max-ram': { type: 'string' },
   'max-blob': { type: 'string' },
+  'max-blocks': { type: 'string' },
+  'max-section': { type: 'string' },
+  'max-vmdesc': { type: 'string' },
+  'max-channels': { type: 'string' },
   'on-failover': { type: 'string' },
   'log-level': { type: 'string' },
   'no-progress': { type: 'boolean', default: false },
@@ -90,6 +98,10 @@ async function listen(argv: string[]): Promise<number> {
   const limits: Record<string, number> = {};
   if (o['max-ram'] !== undefined) limits.maxRamBytes = int(o['max-ram'], 'max-ram', 4096, 2 ** 52);
   if (o['max-blob'] !== undefined) limits.maxBlobBytes = int(o['max-blob'], 'max-blob', 1, 2 ** 40);
+  if (o['max-blocks'] !== undefined) limits.maxBlocks = int(o['max-blocks'], 'max-blocks', 1, 65536);
+  if (o['max-section'] !== undefined) limits.maxSectionBytes = int(o['max-section'], 'max-section', 64, 2 ** 40);
+  if (o['max-vmdesc'] !== undefined) limits.maxVmdescBytes = int(o['max-vmdesc'], 'max-vmdesc', 1, 2 ** 40);
+  if (o['max-channels'] !== undefined) limits.maxChannels = int(o['max-channels'], 'max-channels', 1, 255);
   const res = await receive({
     host: String(o.host),
     port: int(o.port, 'port', 0, 65535),
@@ -139,6 +151,12 @@ async function main(argv: string[]): Promise<number> {
       throw new UsageError(`unknown command "${cmd}" (try --help)`);
   }
 }
+
+// Nothing may end the process silently: a stray rejection is an internal error (exit 3).
+process.on('unhandledRejection', (e) => {
+  process.stderr.write(`colo-receiver: internal error (unhandled rejection): ${e instanceof Error ? e.stack : String(e)}\n`);
+  process.exit(3);
+});
 
 main(process.argv.slice(2)).then(
   (code) => { process.exitCode = code; },

@@ -1,5 +1,12 @@
 import { EventEmitter } from 'node:events';
-import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+
+/**
+ * What a channel needs from its connection: a net.Socket in production; any Duplex (an
+ * in-memory pair) for fuzzing, where setNoDelay/setTimeout do not exist.
+ */
+export type Transport = Duplex & { setNoDelay?: (b: boolean) => unknown; setTimeout?: (ms: number, cb: () => void) => unknown };
+type Socket = Transport;
 import { performance } from 'node:perf_hooks';
 import { MigrationError, wireError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -41,6 +48,8 @@ export interface IncomingOptions {
   /** COLO: no checkpoint for this long means the primary is gone (failover). 0 disables. */
   heartbeatTimeoutMs?: number;
   log?: Logger;
+  /** A page pool shared with other migrations (fuzzing, soak); not closed by close(). */
+  pool?: PagePool;
   /** Staging slots (1 MiB each) per multifd channel: bounds memory per channel. */
   slotsPerChannel?: number;
 }
@@ -103,6 +112,8 @@ export class IncomingMigration extends EventEmitter {
   #endedAt = 0;
   #heartbeat: NodeJS.Timeout | null = null;
   #sockets = new Set<Socket>();
+  readonly #channelSock = new Map<MultiFDChannel, Socket>();
+  readonly #ownPool: boolean;
   readonly done: Promise<Outcome>;
 
   constructor(opts: IncomingOptions = {}) {
@@ -115,7 +126,8 @@ export class IncomingMigration extends EventEmitter {
     this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
     if (ch !== undefined && ch > this.limits.maxChannels) throw new RangeError(`options.multifdChannels above limits.maxChannels (${this.limits.maxChannels})`);
     this.log = opts.log ?? silentLogger;
-    this.pool = new PagePool(opts.threads !== undefined ? { threads: opts.threads } : {});
+    this.#ownPool = opts.pool === undefined;
+    this.pool = opts.pool ?? new PagePool(opts.threads !== undefined ? { threads: opts.threads } : {});
     this.#ram = new RamSectionParser(this.#ramSink, this.limits);
     this.#vm = new VmStateParser(this.#mainQ, this.#vmSink, this.#ram, this.limits);
     this.#vm.expectVmdesc = opts.expectVmdesc ?? true;
@@ -150,7 +162,7 @@ export class IncomingMigration extends EventEmitter {
     const ch = new MultiFDChannel(this.#channelSink, this.#opts.compression ?? 'none', this.limits, this.#opts.slotsPerChannel ?? 4);
     this.channels.push(ch);
     this.#lastAccept = performance.now();
-    (ch as unknown as { sock: Socket }).sock = sock;
+    this.#channelSock.set(ch, sock);
     this.#track(sock, 'multifd');
     sock.on('data', (c: Buffer) => ch.push(c));
     sock.on('end', () => {
@@ -175,9 +187,9 @@ export class IncomingMigration extends EventEmitter {
 
   #track(sock: Socket, kind: string): void {
     this.#sockets.add(sock);
-    sock.setNoDelay(true);
+    sock.setNoDelay?.(true);
     const io = this.#opts.ioTimeoutMs ?? 0;
-    if (io > 0) sock.setTimeout(io, () => this.#ioTimeout(sock, kind));
+    if (io > 0) sock.setTimeout?.(io, () => this.#ioTimeout(sock, kind));
     sock.on('error', (e) => this.#peerEnded(kind, e));
     sock.on('close', () => this.#sockets.delete(sock));
   }
@@ -192,7 +204,7 @@ export class IncomingMigration extends EventEmitter {
       this.#endWith(wireError('ERR_TIMEOUT', `main: no data for ${ms} ms in phase ${this.#phase}`, 'main', this.#mainQ.consumed), true);
       return;
     }
-    const ch = this.channels.find((c) => (c as unknown as { sock: Socket }).sock === sock);
+    const ch = this.channels.find((c) => this.#channelSock.get(c) === sock);
     if (ch && !ch.quiescent) this.#endWith(wireError('ERR_TIMEOUT', `${ch.name}: no data for ${ms} ms inside a packet`, ch.name, ch.q.consumed), true);
     void kind;
   }
@@ -475,7 +487,7 @@ export class IncomingMigration extends EventEmitter {
       if (this.log.isLevelEnabled('debug')) this.log.debug({ channel: ch.name, t: performance.now() - (this.#cur?.tSend ?? 0) }, 'synced');
       if (this.#barrier) queueMicrotask(() => this.#checkBarrier()); },
     onBlocked: (ch, blocked) => {
-      const sock = (ch as unknown as { sock: Socket }).sock;
+      const sock = this.#channelSock.get(ch)!;
       if (blocked) sock.pause(); else sock.resume();
     },
     // A packet cut by the peer's EOF is the primary going away, not bad input.
@@ -491,8 +503,19 @@ export class IncomingMigration extends EventEmitter {
     if (this.#expected === 0) return undefined;
     if (this.#barriers === 0) this.#firstBarrierAt = performance.now();
     this.#barriers++;
+    const io = this.#opts.ioTimeoutMs ?? 0;
     return new Promise<void>((resolve, reject) => {
-      this.#barrier = { resolve, reject };
+      // A channel that stays silent without closing would hold the barrier for ever (QEMU 7.2
+      // hangs exactly so): after --io-timeout the barrier fails, naming the missing channels.
+      const timer = io > 0 ? setTimeout(() => {
+        const missing = this.channels.filter((c) => !c.synced).map((c) => c.name);
+        const absent = (this.#expected ?? 0) - this.channels.length;
+        this.#endWith(wireError('ERR_TIMEOUT', `main: multifd barrier ${this.#barriers} waited ${io} ms for ${[...missing, ...(absent > 0 ? [`${absent} unconnected channel(s)`] : [])].join(', ')}`, 'main', this.#mainQ.consumed), true);
+      }, io) : null;
+      this.#barrier = {
+        resolve: () => { if (timer) clearTimeout(timer); resolve(); },
+        reject: (e) => { if (timer) clearTimeout(timer); reject(e); },
+      };
       this.#checkBarrier();
     });
   }
@@ -564,7 +587,7 @@ export class IncomingMigration extends EventEmitter {
     if (this.#heartbeat) clearTimeout(this.#heartbeat);
     if (this.#settleTimer) clearTimeout(this.#settleTimer);
     if (this.#barrier) { this.#barrier.reject(o.kind === 'completed' ? new Error('closed') : (o as { error?: MigrationError }).error ?? new Error('closed')); this.#barrier = null; }
-    for (const c of this.channels) if (!c.failed) (c as unknown as { sock: Socket }).sock.destroy();
+    for (const c of this.channels) this.#channelSock.get(c)?.destroy();
     if (o.kind !== 'completed') this.#main?.destroy();
     else this.#main?.end();
     this.emit('end', o);
@@ -578,7 +601,7 @@ export class IncomingMigration extends EventEmitter {
     this.#settle({ kind: 'failed', error: new MigrationError('ERR_PEER', 'closed by the receiver') });
     for (const s of this.#sockets) s.destroy();
     await this.done;
-    await this.pool.close();
+    if (this.#ownPool) await this.pool.close();
   }
 
   // ---------------------------------------------------------------- results
