@@ -152,6 +152,9 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
+// `colo-receiver inspect ... | head` closes stdout early: that is not an error.
+process.stdout.on('error', (e: NodeJS.ErrnoException) => { if (e.code === 'EPIPE') process.exit(0); throw e; });
+
 // Nothing may end the process silently: a stray rejection is an internal error (exit 3).
 process.on('unhandledRejection', (e) => {
   process.stderr.write(`colo-receiver: internal error (unhandled rejection): ${e instanceof Error ? e.stack : String(e)}\n`);
