@@ -1,5 +1,5 @@
 import { MigrationError, wireError } from '../errors.js';
-import { SLOT_BYTES, SLOT_INDEX_BYTES, type WriteMode, type WriteTask } from '../memory/page-writer.js';
+import { SLOT_BYTES, SLOT_INDEX_BYTES, SLOT_PAYLOAD_BYTES, type WriteMode, type WriteTask } from '../memory/page-writer.js';
 import type { RAMBlock } from '../memory/ram-block.js';
 import { ByteQueue } from '../wire/byte-queue.js';
 import {
@@ -146,7 +146,10 @@ export class MultiFDChannel {
           }
           if (q.length < MULTIFD_PACKET_HEADER_LEN) return this.#setBlocked(false);
           this.#pktAt = q.consumed;
-          const p = decodeMultiFDPacket(q.take(MULTIFD_PACKET_HEADER_LEN), this.name, this.#pktAt, this.compression, this.limits.maxPacketPayload);
+          // A compressed payload is copied into one staging slot: a cap above the slot size
+          // (limits are user options) would let it spill into the next slot's packet.
+          const maxPayload = Math.min(this.limits.maxPacketPayload, SLOT_PAYLOAD_BYTES);
+          const p = decodeMultiFDPacket(q.take(MULTIFD_PACKET_HEADER_LEN), this.name, this.#pktAt, this.compression, maxPayload);
           this.#pkt = p;
           this.packets++;
           const n = p.normalPages + p.zeroPages;
