@@ -107,7 +107,7 @@ function inspectMain(name: string, data: Buffer, blocks: Map<string, RAMBlock>):
   out(`  ${q.consumed} bytes parsed${q.length ? `, ${q.length} bytes left over (stream cut inside a record)` : ''}; ${ram.pages} pages, ${ram.zeroPages} zero pages on the main channel${checkpoints ? `; ${checkpoints} COLO checkpoints` : ''}`);
 }
 
-function inspectMultifd(_name: string, data: Buffer, compression: Compression, blocks: Map<string, RAMBlock>): void {
+async function inspectMultifd(_name: string, data: Buffer, compression: Compression, blocks: Map<string, RAMBlock>): Promise<void> {
   const sink: ChannelSink = {
     onHandshake: (_c, init) => out(`  MultiFDInit: channel id ${init.id}, uuid ${init.uuid.toString('hex')}`),
     // Block names and lengths come from the main stream when it is given; else any offset is accepted.
@@ -119,7 +119,16 @@ function inspectMultifd(_name: string, data: Buffer, compression: Compression, b
     onError: (e) => { throw e; },
   };
   const ch = new MultiFDChannel(sink, compression, DEFAULT_LIMITS, 1);
+  let err: MigrationError | null = null;
+  sink.onError = (e) => { err = e; };
   ch.push(data);
+  // Page writes settle asynchronously (they free staging slots): let them, until the channel
+  // has parsed everything or stops making progress.
+  for (let left = -1; ch.q.length > 0 && ch.q.length !== left && !err;) {
+    left = ch.q.length;
+    await new Promise((r) => setImmediate(r));
+  }
+  if (err) throw err;
   out(`  ${ch.packets} packets, ${ch.syncs} SYNC, ${ch.pages} normal pages, ${ch.zeroPages} zero pages, ${ch.bytes} payload bytes${ch.q.length ? `; ${ch.q.length} bytes left over` : ''}`);
 }
 
@@ -144,7 +153,7 @@ export async function inspect(argv: string[]): Promise<number> {
         inspectMain(f, d, blocks);
       } else if (magic === MULTIFD_MAGIC) {
         out(`${f}: multifd channel, ${d.length} bytes`);
-        inspectMultifd(f, d, comp, blocks);
+        await inspectMultifd(f, d, comp, blocks);
       } else {
         out(`${f}: not a migration stream (magic 0x${magic.toString(16)})`);
         failed = true;
