@@ -123,6 +123,37 @@ describe('ByteQueue', () => {
     assert.equal(q.consumed, 10);
   });
 
+  test('unshift after a whole chunk was read puts the bytes before the next chunk', () => {
+    const q = queueOf(seq(0, 4), seq(4, 4));
+    const first = Buffer.from(q.take(4));
+    q.unshift(first.subarray(2));
+    assert.equal(q.consumed, 2);
+    assert.deepEqual([...q.take(6)], [2, 3, 4, 5, 6, 7]);
+  });
+
+  test('peekU32 reads a be32 inside one chunk and across chunks without consuming', () => {
+    const q = queueOf(Buffer.from([0xde]), Buffer.from([0xad, 0xbe]), Buffer.from([0xef, 0x01, 0x02, 0x03, 0x04]));
+    assert.equal(q.peekU32(0), 0xdeadbeef);
+    assert.equal(q.peekU32(4), 0x01020304);
+    assert.equal(q.length, 8);
+    q.skip(4);
+    assert.equal(q.peekU32(), 0x01020304);
+    assert.throws(() => q.peekU32(1), { code: 'ERR_ASSERTION' });
+  });
+
+  test('reads through thousands of small chunks in order', () => {
+    const whole = seq(0, 5000);
+    const q = new ByteQueue();
+    for (let i = 0; i < whole.length; i += 2) q.push(whole.subarray(i, i + 2));
+    const out: number[] = [];
+    while (q.length >= 7) out.push(...q.take(7));
+    out.push(...q.take(q.length));
+    assert.deepEqual(Buffer.from(out), whole);
+    assert.equal(q.consumed, 5000);
+    q.push(seq(0, 3));
+    assert.deepEqual([...q.peek(3)], [0, 1, 2]);
+  });
+
   test('clear drops everything and counts it as consumed', () => {
     const q = queueOf(seq(0, 3), seq(3, 4));
     q.take(1);
