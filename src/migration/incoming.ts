@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import type { Duplex } from 'node:stream';
 
@@ -8,12 +9,13 @@ import type { Duplex } from 'node:stream';
 export type Transport = Duplex & { setNoDelay?: (b: boolean) => unknown; setTimeout?: (ms: number, cb: () => void) => unknown };
 type Socket = Transport;
 import { performance } from 'node:perf_hooks';
+import type { DecodeTask } from '../compression/decoder.js';
 import { MigrationError, wireError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { WRITE_BOTH, WRITE_CACHE, WRITE_GUEST, type WriteMode, type WriteTask } from '../memory/page-writer.js';
 import { RAMBlockList, type RAMBlock } from '../memory/ram-block.js';
-import { PagePool } from '../pool/page-pool.js';
+import { DecoderThread, PagePool } from '../pool/page-pool.js';
 import { ByteQueue } from '../wire/byte-queue.js';
 import {
   COLO_MESSAGE_CHECKPOINT_READY, COLO_MESSAGE_CHECKPOINT_REPLY, COLO_MESSAGE_CHECKPOINT_REQUEST, COLO_MESSAGE_NAMES,
@@ -114,6 +116,10 @@ export class IncomingMigration extends EventEmitter {
   #sockets = new Set<Socket>();
   readonly #channelSock = new Map<MultiFDChannel, Socket>();
   readonly #ownPool: boolean;
+  /** Compressed channels: each has its own decoder thread and counts its packets (spec §2.10). */
+  readonly #decoders = new Map<MultiFDChannel, { thread: DecoderThread; seq: number }>();
+  readonly #streamKey = randomUUID();
+  #decodersClosed: Promise<unknown> | null = null;
   readonly done: Promise<Outcome>;
 
   constructor(opts: IncomingOptions = {}) {
@@ -482,7 +488,10 @@ export class IncomingMigration extends EventEmitter {
     },
     findBlock: (idstr) => this.blocks.get(idstr),
     writeMode: () => this.#writeMode(),
-    submit: (_ch, task: WriteTask) => this.pool.write(task),
+    submit: (ch, task: WriteTask, compressedBytes) => {
+      const method = this.#opts.compression ?? 'none';
+      return method === 'none' ? this.pool.write(task) : this.#decode(ch, task, method, compressedBytes);
+    },
     onSynced: (ch) => {
       if (this.log.isLevelEnabled('debug')) this.log.debug({ channel: ch.name, t: performance.now() - (this.#cur?.tSend ?? 0) }, 'synced');
       if (this.#barrier) queueMicrotask(() => this.#checkBarrier()); },
@@ -493,6 +502,27 @@ export class IncomingMigration extends EventEmitter {
     // A packet cut by the peer's EOF is the primary going away, not bad input.
     onError: (err, ch) => this.#endWith(err, ch.ended && err.code === 'ERR_TRUNCATED'),
   };
+
+  /**
+   * A compressed packet goes to its channel's decoder thread, never to the shared pool: the
+   * payload continues the channel's one stream (spec §2.5). Called right after the payload
+   * was copied into the slot, so it ends at `ch.q.consumed`.
+   */
+  #decode(ch: MultiFDChannel, task: WriteTask, method: 'zlib' | 'zstd', payloadLen: number): Promise<number> {
+    if (this.#decodersClosed) return Promise.reject(new MigrationError('ERR_PEER', `${ch.name}: migration already ended`, ch.name));
+    let d = this.#decoders.get(ch);
+    if (d === undefined) {
+      d = { thread: new DecoderThread(), seq: 0 };
+      this.#decoders.set(ch, d);
+    }
+    const t: DecodeTask = { ...task, op: 'decode', key: `${this.#streamKey}/${ch.id}`, method, seq: d.seq++, channel: ch.name, payloadLen };
+    return d.thread.decode(t, ch.q.consumed - payloadLen);
+  }
+
+  #closeDecoders(): Promise<unknown> {
+    this.#decodersClosed ??= Promise.allSettled([...this.#decoders.values()].map((d) => d.thread.close()));
+    return this.#decodersClosed;
+  }
 
   /**
    * multifd_recv_sync_main(): hold the main channel until every channel has written all pages
@@ -559,7 +589,8 @@ export class IncomingMigration extends EventEmitter {
     if (this.#outcome) return;
     if (this.#phase === 'done') return;
     const why = err ? `${channel}: ${err.message}` : `${channel}: connection closed`;
-    this.#endWith(new MigrationError(this.#phase === 'colo-idle' ? 'ERR_PEER' : 'ERR_TRUNCATED', why, channel, undefined, err ? { cause: err } : undefined), true);
+    const at = channel === 'main' ? this.#mainQ.consumed : this.channels.find((c) => c.name === channel)?.q.consumed;
+    this.#endWith(new MigrationError(this.#phase === 'colo-idle' ? 'ERR_PEER' : 'ERR_TRUNCATED', why, channel, at, err ? { cause: err } : undefined), true);
   }
 
   /**
@@ -590,6 +621,9 @@ export class IncomingMigration extends EventEmitter {
     for (const c of this.channels) this.#channelSock.get(c)?.destroy();
     if (o.kind !== 'completed') this.#main?.destroy();
     else this.#main?.end();
+    // Decoder threads end with the migration (a completed one has no task left; after a
+    // failure only the COLO cache can be written to, never the committed guest image).
+    void this.#closeDecoders();
     this.emit('end', o);
     // The commit in flight (if any) finishes before the outcome is visible: the image a caller
     // reads afterwards is a complete checkpoint.
@@ -601,6 +635,7 @@ export class IncomingMigration extends EventEmitter {
     this.#settle({ kind: 'failed', error: new MigrationError('ERR_PEER', 'closed by the receiver') });
     for (const s of this.#sockets) s.destroy();
     await this.done;
+    await this.#closeDecoders();
     if (this.#ownPool) await this.pool.close();
   }
 

@@ -44,7 +44,7 @@ export async function listenForMigration(mig: IncomingMigration, opts: ListenOpt
       else {
         opts.log.error({ peer }, `connection with unknown channel magic 0x${hex(magic)}`);
         sock.destroy();
-        mig.badConnection(new MigrationError('ERR_BAD_MAGIC', `unknown channel magic 0x${hex(magic)} from ${peer}`, undefined, 0));
+        mig.badConnection(new MigrationError('ERR_BAD_MAGIC', `unknown channel magic 0x${hex(magic)} from ${peer}`, `unclassified ${peer}`, 0));
         return;
       }
       if (!accepted) {
