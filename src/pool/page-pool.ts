@@ -1,10 +1,13 @@
 import { availableParallelism } from 'node:os';
 import { Piscina } from 'piscina';
+import type { DecodeResult, DecodeTask } from '../compression/decoder.js';
+import { MigrationError } from '../errors.js';
 import { planFlush } from '../memory/colo-flush.js';
 import { runFlushTask, type PageTask, type WriteTask } from '../memory/page-writer.js';
 import type { BlockMemory } from '../memory/shared-layout.js';
 
 const WORKER_URL = new URL('../../workers/page-writer.js', import.meta.url).href;
+const DECODER_URL = new URL('../../workers/page-decoder.js', import.meta.url).href;
 
 export interface PagePoolOptions {
   /** Page-writer threads; default: every core. */
@@ -55,4 +58,56 @@ export class PagePool {
   }
 
   async close(): Promise<void> { await this.#pool.destroy(); }
+}
+
+/**
+ * One compressed multifd channel's decoder thread (spec §2.10, §8.1): its zlib/zstd stream
+ * state lives in one worker, so the channel's packets must all run there, one at a time, in
+ * arrival order. piscina cannot pin a task to a worker, hence a pool of exactly one thread
+ * per channel; `stricterFIFO` keeps queued tasks in order (without it a task that found the
+ * worker busy could be requeued behind a later one), and `idleTimeout: Infinity` keeps the
+ * worker, and the stream with it, between checkpoints.
+ */
+export class DecoderThread {
+  readonly #pool: Piscina<DecodeTask, DecodeResult>;
+  readonly #inflight = new Set<Promise<DecodeResult>>();
+
+  /** `maxQueue`: the channel's staging slots bound its tasks; this is a backstop. */
+  constructor(maxQueue = 64) {
+    this.#pool = new Piscina<DecodeTask, DecodeResult>({
+      filename: DECODER_URL,
+      name: 'handle',
+      minThreads: 1,
+      maxThreads: 1,
+      concurrentTasksPerWorker: 1,
+      stricterFIFO: true,
+      idleTimeout: Infinity,
+      maxQueue,
+    });
+    // piscina reports a worker's answer to a task it already dropped (destroy() raced the
+    // answer) as an 'error' event; close() waits for every task first, so this is a backstop.
+    this.#pool.on('error', () => undefined);
+  }
+
+  /**
+   * Decodes and writes one packet; resolves with the pages written, rejects with the
+   * decoder's MigrationError (ERR_DECOMPRESS for a bad payload) at `streamOffset`.
+   */
+  async decode(task: DecodeTask, streamOffset?: number): Promise<number> {
+    const run = this.#pool.run(task);
+    this.#inflight.add(run);
+    let r: DecodeResult;
+    try { r = await run; } finally { this.#inflight.delete(run); }
+    if (typeof r === 'number') return r;
+    throw new MigrationError(r.code, r.message, task.channel, streamOffset);
+  }
+
+  /**
+   * Lets the queued packets finish (a few at most: one per staging slot, each well under a
+   * millisecond), so no decode is cut off mid-write, then ends the thread.
+   */
+  async close(): Promise<void> {
+    await Promise.allSettled([...this.#inflight]);
+    await this.#pool.destroy();
+  }
 }

@@ -1,0 +1,222 @@
+// Receive side of multifd-compression zlib and zstd (spec §2.5.2, §2.5.3; QEMU's
+// zlib_recv_pages() and zstd_recv_pages()). Each channel carries ONE endless compressed stream:
+// its payloads are slices of it, flushed at each packet's end and never reset, so a channel
+// needs one decoder for its whole life, fed its packets in order, on one thread (spec §2.10).
+// This module is that decoder and the task a channel's decoder thread runs per packet.
+import assert from 'node:assert/strict';
+import { MigrationError, type MigrationErrorCode } from '../errors.js';
+import { SLOT_INDEX_BYTES, WRITE_BOTH, WRITE_CACHE, WRITE_GUEST, writePages, type WriteMode } from '../memory/page-writer.js';
+import { DirtyBitmap } from '../memory/dirty-bitmap.js';
+import { WindowedMemory, type BlockMemory } from '../memory/shared-layout.js';
+import { TARGET_PAGE_SIZE } from '../wire/constants.js';
+import { Z_SYNC_FLUSH, ZlibStream } from './zlib-stream.js';
+import { zstd, ZSTD_WINDOWLOG_MAX } from './zstd.js';
+
+export type CompressionMethod = 'zlib' | 'zstd';
+
+/**
+ * One compressed multifd packet for the channel's decoder thread: the staging slot holds the
+ * page indexes (normal, then zero) and then `payloadLen` compressed bytes (spec §2.4:
+ * next_packet_size). Pages go where an uncompressed packet's would (WriteMode).
+ */
+export interface DecodeTask {
+  op: 'decode';
+  /** The stream this payload continues: one channel of one migration. */
+  key: string;
+  method: CompressionMethod;
+  /** This channel's packets with pages, counted from 0: the decoder checks it sees each once, in order. */
+  seq: number;
+  /** 'multifd/N', for messages. */
+  channel: string;
+  mem: BlockMemory;
+  mode: WriteMode;
+  staging: SharedArrayBuffer;
+  slotOffset: number;
+  normalPages: number;
+  zeroPages: number;
+  payloadLen: number;
+}
+
+/** A MigrationError does not survive postMessage with its code; a failed task returns this instead. */
+export interface DecodeFailure { code: MigrationErrorCode; message: string }
+/** Pages written, or why the packet was refused. */
+export type DecodeResult = number | DecodeFailure;
+
+/** One call of a streaming decompressor: src[srcAt, srcEnd) -> dst[dstAt, dstEnd). */
+interface StreamStep {
+  /** Bytes written to dst and read from src by the last call. */
+  produced: number;
+  consumed: number;
+  step(src: Uint8Array, srcAt: number, srcEnd: number, dst: Uint8Array, dstAt: number, dstEnd: number): void;
+}
+
+// inflate() with Z_SYNC_FLUSH on the caller's buffers, as zlib_recv_pages() calls it per page.
+class ZlibStep implements StreamStep {
+  produced = 0;
+  consumed = 0;
+  readonly #z = new ZlibStream('inflate');
+  step(src: Uint8Array, srcAt: number, srcEnd: number, dst: Uint8Array, dstAt: number, dstEnd: number): void {
+    this.#z.write(Z_SYNC_FLUSH, src, srcAt, srcEnd - srcAt, dst, dstAt, dstEnd - dstAt);
+    this.produced = this.#z.produced;
+    this.consumed = this.#z.consumed;
+  }
+}
+
+// ZSTD_decompressStream() as zstd_recv_pages() calls it per page. zstd decodes a block into
+// its own window buffer and copies out of it, so dst may be any page: no scratch of ours.
+class ZstdStep implements StreamStep {
+  produced = 0;
+  consumed = 0;
+  readonly #d = new zstd.DCtx();
+  constructor() { this.#d.setParameter(zstd.DParameter.windowLogMax, ZSTD_WINDOWLOG_MAX); }
+  step(src: Uint8Array, srcAt: number, srcEnd: number, dst: Uint8Array, dstAt: number, dstEnd: number): void {
+    const r = this.#d.decompressStream(dst.subarray(dstAt, dstEnd), src.subarray(srcAt, srcEnd));
+    this.produced = r[1];
+    this.consumed = r[2];
+  }
+}
+
+/**
+ * One channel's stream decoder. `decodePacket` takes one payload and fills exactly
+ * `normalPages` pages; anything else is ERR_DECOMPRESS (QEMU: "packet size received %u size
+ * expected %u", or the library's error). The decoder writes only into the packet's own
+ * pages: page k's view is the only output buffer it gets while decoding page k, and bytes
+ * past the last page go to a scratch page, never into memory. After an error the stream is
+ * unusable and every later packet is refused.
+ */
+export class ChannelDecoder {
+  readonly method: CompressionMethod;
+  /** seq of the next packet: catches a lost, repeated or reordered task (a restarted worker). */
+  #next = 0;
+  #failed = false;
+  readonly #s: StreamStep;
+  readonly #scratch = new Uint8Array(TARGET_PAGE_SIZE);
+  /** Pages and payload bytes decoded, for diagnostics. */
+  pages = 0;
+  bytes = 0;
+
+  constructor(method: CompressionMethod) {
+    this.method = method;
+    this.#s = method === 'zlib' ? new ZlibStep() : new ZstdStep();
+  }
+
+  /**
+   * Decodes `src` (one whole payload) into the pages `indexes[0..normalPages)` of `into`,
+   * page k of the output to page indexes[k] (spec §2.5.2: "page k of the output belongs to
+   * offset[k]"). `channel` prefixes messages.
+   */
+  decodePacket(seq: number, src: Uint8Array, indexes: Uint32Array, normalPages: number, into: WindowedMemory, channel: string): void {
+    if (this.#failed) throw new MigrationError('ERR_DECOMPRESS', `${channel}: ${this.method} stream already failed`, channel);
+    if (seq !== this.#next) {
+      this.#failed = true;
+      throw new MigrationError('ERR_WORKER', `${channel}: ${this.method} decoder got packet ${seq}, expected ${this.#next} (decoder state lost or tasks out of order)`, channel);
+    }
+    this.#next++;
+    if (normalPages === 0) return;
+    try {
+      this.#decode(src, indexes, normalPages, into, channel);
+    } catch (e) {
+      this.#failed = true;
+      if (e instanceof MigrationError) throw e;
+      throw new MigrationError('ERR_DECOMPRESS', `${channel}: ${this.method} payload of ${src.length} bytes for ${normalPages} pages: ${e instanceof Error ? e.message : String(e)}`, channel, undefined, { cause: e });
+    }
+    this.pages += normalPages;
+    this.bytes += src.length;
+  }
+
+  #decode(src: Uint8Array, indexes: Uint32Array, normalPages: number, into: WindowedMemory, channel: string): void {
+    const s = this.#s, end = src.length;
+    let at = 0;
+    for (let k = 0; k < normalPages; k++) {
+      const [view, pageAt] = into.locate(indexes[k]!);
+      const pageEnd = pageAt + TARGET_PAGE_SIZE;
+      assert(pageEnd <= view.length, 'page index outside the block (the channel validates offsets)');
+      for (let filled = pageAt; filled < pageEnd;) {
+        s.step(src, at, end, view, filled, pageEnd);
+        if (s.produced === 0 && s.consumed === 0) {
+          const got = k * TARGET_PAGE_SIZE + filled - pageAt;
+          throw new MigrationError('ERR_DECOMPRESS', `${channel}: ${this.method} packet size received ${got} size expected ${normalPages * TARGET_PAGE_SIZE} (payload of ${end} bytes, ${end - at} not consumed)`, channel);
+        }
+        filled += s.produced;
+        at += s.consumed;
+      }
+    }
+    // The rest of the payload (zlib's sync-flush marker 00 00 ff ff, say) must decode to
+    // nothing, and nothing may be left pending inside the decoder: one more call into the
+    // scratch page shows both.
+    for (;;) {
+      s.step(src, at, end, this.#scratch, 0, TARGET_PAGE_SIZE);
+      if (s.produced > 0) {
+        throw new MigrationError('ERR_DECOMPRESS', `${channel}: ${this.method} payload of ${end} bytes decodes to more than ${normalPages * TARGET_PAGE_SIZE} bytes`, channel);
+      }
+      at += s.consumed;
+      if (s.consumed === 0 || at === end) break;
+    }
+    if (at !== end) {
+      throw new MigrationError('ERR_DECOMPRESS', `${channel}: ${this.method} payload of ${end} bytes: ${end - at} bytes left after ${normalPages} pages`, channel);
+    }
+  }
+}
+
+const NO_PAGES = new Uint8Array(0);
+
+/**
+ * One packet on the decoder thread: decode the normal pages straight into their target
+ * (guest in plain precopy, the COLO cache otherwise), then do what writePages() does for an
+ * uncompressed packet: WRITE_BOTH copies each page to guest memory too, WRITE_CACHE marks
+ * every normal and zero page dirty, zero pages are written as zeros. The copy and the marks
+ * happen only once the whole payload decoded, so a corrupt one leaves guest memory and the
+ * dirty bitmap untouched. Returns the pages written.
+ */
+export function runDecodeTask(t: DecodeTask, dec: ChannelDecoder): number {
+  const n = t.normalPages + t.zeroPages;
+  const indexes = new Uint32Array(t.staging, t.slotOffset, n);
+  const src = new Uint8Array(t.staging, t.slotOffset + SLOT_INDEX_BYTES, t.payloadLen);
+  const toCache = t.mode !== WRITE_GUEST && t.mem.cache !== null;
+  const into = new WindowedMemory(toCache ? t.mem.cache! : t.mem.guest);
+  dec.decodePacket(t.seq, src, indexes, t.normalPages, into, t.channel);
+  if (t.normalPages > 0 && toCache && t.mode === WRITE_BOTH) {
+    const guest = new WindowedMemory(t.mem.guest);
+    for (let k = 0; k < t.normalPages; k++) {
+      const [cv, cat] = into.locate(indexes[k]!);
+      const [gv, gat] = guest.locate(indexes[k]!);
+      gv.set(cv.subarray(cat, cat + TARGET_PAGE_SIZE), gat);
+    }
+  }
+  if (t.normalPages > 0 && t.mode === WRITE_CACHE && t.mem.dirty) {
+    const dirty = new DirtyBitmap(t.mem.dirty, 0);
+    for (let k = 0; k < t.normalPages; k++) dirty.mark(indexes[k]!);
+  }
+  if (t.zeroPages > 0) writePages(t.mem, t.mode, indexes.subarray(t.normalPages), 0, t.zeroPages, NO_PAGES);
+  return n;
+}
+
+/**
+ * The decoders of one decoder thread, by stream key. A channel's first packet (seq 0)
+ * creates its decoder; a key seen with a later seq but no decoder means the thread lost its
+ * state (piscina replaced a crashed worker), which fails the channel rather than decoding
+ * mid-stream bytes with a fresh context.
+ */
+export class ChannelDecoders {
+  readonly #byKey = new Map<string, ChannelDecoder>();
+
+  run(t: DecodeTask): DecodeResult {
+    try {
+      let dec = this.#byKey.get(t.key);
+      if (dec === undefined) {
+        if (t.seq !== 0) throw new MigrationError('ERR_WORKER', `${t.channel}: ${t.method} decoder state lost before packet ${t.seq}`, t.channel);
+        dec = new ChannelDecoder(t.method);
+        this.#byKey.set(t.key, dec);
+      } else if (dec.method !== t.method) {
+        throw new MigrationError('ERR_WORKER', `${t.channel}: ${t.method} packet for a ${dec.method} decoder`, t.channel);
+      }
+      return runDecodeTask(t, dec);
+    } catch (e) {
+      if (e instanceof MigrationError) return { code: e.code, message: e.message };
+      throw e;
+    }
+  }
+
+  /** Drops a stream's decoder (its channel closed). */
+  forget(key: string): void { this.#byKey.delete(key); }
+}
