@@ -13,6 +13,7 @@ export {
   type MultiFDPacketImageOptions,
   type MultiFDEncoder,
 } from './multifd-builder.js';
+export { ZlibEncoder, ZstdEncoder } from './multifd-compress.js';
 export {
   DeviceState,
   DEFAULT_DEVICES,

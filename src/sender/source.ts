@@ -21,6 +21,7 @@ import { DeviceState } from './device-state.js';
 import { Link, MainChannel, SourceKilled, Wire } from './link.js';
 import { MemoryModel, type DirtySet, type MemoryModelOptions, type Workload } from './memory-model.js';
 import { encodeMultiFDInit, NoCompEncoder, type MultiFDEncoder } from './multifd-builder.js';
+import { ZlibEncoder, ZstdEncoder } from './multifd-compress.js';
 import { Prng } from './prng.js';
 import {
   QUIRKS_72_ALL,
@@ -78,9 +79,9 @@ export interface SyntheticSourceOptions {
   iterations?: number;
   /** Source UUID for MultiFDInit_t; default all zero. */
   uuid?: Uint8Array;
-  /** Only 'none' so far; other methods plug in through `encoders`. */
-  compression?: 'none';
-  /** Per-channel payload encoder factory; default NoCompEncoder. */
+  /** multifd-compression: 'none' (default), 'zlib' or 'zstd' at level 1, one stream per channel (spec §2.5). */
+  compression?: 'none' | 'zlib' | 'zstd';
+  /** Per-channel payload encoder factory; overrides `compression`. */
   encoders?: (channelId: number) => MultiFDEncoder;
   /** Send VMDESCRIPTION after the EOF. Default true. */
   sendVmdesc?: boolean;
@@ -179,7 +180,7 @@ export class SyntheticSource extends EventEmitter {
     }
     const iterations = opts.iterations ?? 2;
     if (!Number.isInteger(iterations) || iterations < 0) throw new RangeError('options.iterations must be an integer >= 0');
-    if ((opts.compression ?? 'none') !== 'none') throw new RangeError(`options.compression must be 'none'`);
+    if (!['none', 'zlib', 'zstd'].includes(opts.compression ?? 'none')) throw new RangeError(`options.compression must be 'none', 'zlib' or 'zstd'`);
     const quirkRate = opts.quirkRate ?? 0.25;
     if (!(quirkRate >= 0 && quirkRate <= 1)) throw new RangeError('options.quirkRate must be in 0..1');
     const colo = opts.colo ?? false;
@@ -286,7 +287,7 @@ export class SyntheticSource extends EventEmitter {
       layout: o.layout, syncScheme: o.syncScheme, sectionId: o.ramSectionId,
       multifd: o.channels === 0 ? undefined : {
         links: linkOf,
-        encoders: linkOf.map((_, id) => this.#opts.encoders?.(id) ?? new NoCompEncoder()),
+        encoders: linkOf.map((_, id) => this.#opts.encoders?.(id) ?? defaultEncoder(this.#opts.compression ?? 'none')),
         quirks: this.#quirks, quirkRate: o.quirkRate, prng: new Prng(seed + 2),
         zeroPagesInMultifd: o.zeroPagesInMultifd,
       },
@@ -417,4 +418,10 @@ class ColoReader {
 
 function messageName(v: number): string {
   return COLO_MESSAGE_NAMES[v] ?? `invalid message ${v}`;
+}
+
+// A channel's encoder for multifd-compression at its default level (multifd-zlib-level and
+// multifd-zstd-level are 1).
+function defaultEncoder(method: 'none' | 'zlib' | 'zstd'): MultiFDEncoder {
+  return method === 'zlib' ? new ZlibEncoder() : method === 'zstd' ? new ZstdEncoder() : new NoCompEncoder();
 }
