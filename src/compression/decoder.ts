@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { MigrationError, type MigrationErrorCode } from '../errors.js';
 import { SLOT_INDEX_BYTES, WRITE_BOTH, WRITE_CACHE, WRITE_GUEST, writePages, type WriteMode } from '../memory/page-writer.js';
 import { DirtyBitmap } from '../memory/dirty-bitmap.js';
-import { WindowedMemory, type BlockMemory } from '../memory/shared-layout.js';
+import { PAGES_PER_WINDOW_BITS, WindowedMemory, type BlockMemory } from '../memory/shared-layout.js';
 import { TARGET_PAGE_SIZE } from '../wire/constants.js';
 import { Z_SYNC_FLUSH, ZlibStream } from './zlib-stream.js';
 import { zstd, ZSTD_WINDOWLOG_MAX } from './zstd.js';
@@ -80,9 +80,9 @@ class ZstdStep implements StreamStep {
  * One channel's stream decoder. `decodePacket` takes one payload and fills exactly
  * `normalPages` pages; anything else is ERR_DECOMPRESS (QEMU: "packet size received %u size
  * expected %u", or the library's error). The decoder writes only into the packet's own
- * pages: page k's view is the only output buffer it gets while decoding page k, and bytes
- * past the last page go to a scratch page, never into memory. After an error the stream is
- * unusable and every later packet is refused.
+ * pages: the only output buffers it is given are spans of consecutive listed pages, and
+ * bytes past the last page go to a scratch page, never into memory. After an error the
+ * stream is unusable and every later packet is refused.
  */
 export class ChannelDecoder {
   readonly method: CompressionMethod;
@@ -127,19 +127,26 @@ export class ChannelDecoder {
   #decode(src: Uint8Array, indexes: Uint32Array, normalPages: number, into: WindowedMemory, channel: string): void {
     const s = this.#s, end = src.length;
     let at = 0;
-    for (let k = 0; k < normalPages; k++) {
-      const [view, pageAt] = into.locate(indexes[k]!);
-      const pageEnd = pageAt + TARGET_PAGE_SIZE;
-      assert(pageEnd <= view.length, 'page index outside the block (the channel validates offsets)');
-      for (let filled = pageAt; filled < pageEnd;) {
-        s.step(src, at, end, view, filled, pageEnd);
+    // Output goes to runs of consecutive listed pages (QEMU queues dirty pages in address
+    // order, so a packet is often one run): fewer library calls than page by page, and the
+    // output buffer is still nothing but the packet's own pages.
+    for (let k = 0; k < normalPages;) {
+      const first = indexes[k]!;
+      let n = 1;
+      while (k + n < normalPages && indexes[k + n] === first + n && (first + n) >>> PAGES_PER_WINDOW_BITS === first >>> PAGES_PER_WINDOW_BITS) n++;
+      const [view, runAt] = into.locate(first);
+      const runEnd = runAt + n * TARGET_PAGE_SIZE;
+      assert(runEnd <= view.length, 'page index outside the block (the channel validates offsets)');
+      for (let filled = runAt; filled < runEnd;) {
+        s.step(src, at, end, view, filled, runEnd);
         if (s.produced === 0 && s.consumed === 0) {
-          const got = k * TARGET_PAGE_SIZE + filled - pageAt;
+          const got = k * TARGET_PAGE_SIZE + filled - runAt;
           throw new MigrationError('ERR_DECOMPRESS', `${channel}: ${this.method} packet size received ${got} size expected ${normalPages * TARGET_PAGE_SIZE} (payload of ${end} bytes, ${end - at} not consumed)`, channel);
         }
         filled += s.produced;
         at += s.consumed;
       }
+      k += n;
     }
     // The rest of the payload (zlib's sync-flush marker 00 00 ff ff, say) must decode to
     // nothing, and nothing may be left pending inside the decoder: one more call into the
@@ -150,7 +157,7 @@ export class ChannelDecoder {
         throw new MigrationError('ERR_DECOMPRESS', `${channel}: ${this.method} payload of ${end} bytes decodes to more than ${normalPages * TARGET_PAGE_SIZE} bytes`, channel);
       }
       at += s.consumed;
-      if (s.consumed === 0 || at === end) break;
+      if (s.consumed === 0) break;
     }
     if (at !== end) {
       throw new MigrationError('ERR_DECOMPRESS', `${channel}: ${this.method} payload of ${end} bytes: ${end - at} bytes left after ${normalPages} pages`, channel);

@@ -31,11 +31,15 @@ function makePage(rnd: Prng): Buffer {
 
 interface Packet { pages: Buffer[]; indexes: number[]; payload: Buffer }
 
-/** `counts[i]` pages per packet, one encoder (one channel stream), pages scattered over `blockPages`. */
-function stream(method: CompressionMethod, counts: number[], blockPages: number, seed = 1): Packet[] {
+/**
+ * `counts[i]` pages per packet, one encoder (one channel stream), pages scattered over
+ * `blockPages`; `runs`: in address order with a gap now and then, as QEMU queues dirty pages.
+ */
+function stream(method: CompressionMethod, counts: number[], blockPages: number, seed = 1, runs = false): Packet[] {
   const rnd = new Prng(seed), enc = encoder(method);
   const free = Array.from({ length: blockPages }, (_, i) => i);
-  for (let i = free.length - 1; i > 0; i--) { const j = rnd.int(i + 1); [free[i], free[j]] = [free[j]!, free[i]!]; }
+  if (runs) for (let i = free.length - 1; i > 0; i--) { if (rnd.chance(0.1)) free.splice(i, 1); }
+  else for (let i = free.length - 1; i > 0; i--) { const j = rnd.int(i + 1); [free[i], free[j]] = [free[j]!, free[i]!]; }
   return counts.map((n) => {
     const pages = Array.from({ length: n }, () => makePage(rnd));
     const indexes = free.splice(0, n);
@@ -111,6 +115,15 @@ describe('ChannelDecoder', () => {
       assert.equal(dec.pages, counts.reduce((a, n) => a + n, 0));
     });
 
+    test(`${method}: decodes packets of consecutive pages (one output span per run) byte for byte`, () => {
+      const counts = [128, 3, 128, 60, 1, 128];
+      const b = block(1024), pk = stream(method, counts, 1024, 8, true);
+      assert.ok(pk.some((p) => p.indexes.every((pg, k) => k === 0 || pg === p.indexes[k - 1]! + 1)), 'some packet is one run');
+      const dec = new ChannelDecoder(method);
+      pk.forEach((p, seq) => dec.decodePacket(seq, p.payload, Uint32Array.from(p.indexes), p.pages.length, b.guest, 'multifd/0'));
+      for (const p of pk) p.indexes.forEach((pg, k) => assert.ok(Buffer.from(b.guest.page(pg)).equals(p.pages[k]!), `page ${pg}`));
+    });
+
     test(`${method}: a later payload does not decode with a fresh decoder (the stream continues across packets)`, () => {
       const b = block(64), pk = stream(method, [8, 8], 64, 3);
       const dec = new ChannelDecoder(method);
@@ -143,19 +156,20 @@ describe('corrupt payloads: ERR_DECOMPRESS, nothing written outside the packet\'
   ];
   for (const method of METHODS) {
     for (const c of cases) {
-      for (const mode of [WRITE_GUEST, WRITE_BOTH, WRITE_CACHE] as const) {
-        test(`${method}, ${c.name}, mode ${mode}`, () => {
+      for (const [mode, runs] of [[WRITE_GUEST, false], [WRITE_BOTH, false], [WRITE_CACHE, false], [WRITE_GUEST, true], [WRITE_CACHE, true]] as const) {
+        test(`${method}, ${c.name}, mode ${mode}, pages ${runs ? 'in runs' : 'scattered'}`, () => {
           const b = block(1024), rnd = new Prng(9);
           // memory holds a pattern everywhere, so a stray write shows
           for (const v of [...b.guest.views, ...b.cache!.views]) for (let i = 0; i < v.length; i += 97) v[i] = (i >> 7) & 0xff;
-          const [good, next] = stream(method, [40, 60], 512, 5) as [Packet, Packet];
+          const [good, next] = stream(method, [40, 60], 512, 5, runs) as [Packet, Packet];
           const dec = new ChannelDecoders();
           assert.equal(dec.run(task(method, b, mode, 0, good.indexes, 40, good.payload)), 40);
           const guestBefore = Buffer.from(b.guest.views[0]!), cacheBefore = Buffer.from(b.cache!.views[0]!);
           const dirtyBefore = b.dirty!.count();
           const [payload, normal] = c.make(good, next, rnd);
           const indexes = next.indexes.slice(0, Math.min(normal, next.indexes.length));
-          while (indexes.length < normal) indexes.push(1000 + indexes.length);   // an extra listed page
+          // an extra listed page; in runs right after the last one, so the output span grows
+          while (indexes.length < normal) indexes.push(runs ? indexes[indexes.length - 1]! + 1 : 1000 + indexes.length);
           const r = dec.run(task(method, b, mode, 1, indexes, normal, payload));
           if (c.undetectable && typeof r === 'number') {
             assertUntouchedExcept(mode === WRITE_GUEST ? b.guest : b.cache!, mode === WRITE_GUEST ? guestBefore : cacheBefore, indexes, 'decode target');
