@@ -20,6 +20,11 @@ export interface CheckpointRecord {
   blobBytes: number;
   /** Page payload bytes per channel: [main, multifd/0, multifd/1, ...]. */
   channelBytes: number[];
+  /**
+   * Main event loop busy time during the transfer (eventLoopUtilization): near transferMs, the
+   * receiver's main thread is the bottleneck; far below it, the sender or the wire is.
+   */
+  transferBusyMs: number;
 }
 
 export interface Dist { n: number; mean: number; p50: number; p99: number; max: number }
@@ -45,7 +50,7 @@ export class CheckpointStats {
   discarded = 0;
 
   begin(index: number, tRequest: number): CheckpointRecord {
-    return { index, tRequest, tSend: 0, tRamDone: 0, tBlob: 0, tFlushStart: 0, tFlushEnd: 0, tLoaded: 0, pages: 0, zeroPages: 0, flushedPages: 0, blobBytes: 0, channelBytes: [] };
+    return { index, tRequest, tSend: 0, tRamDone: 0, tBlob: 0, tFlushStart: 0, tFlushEnd: 0, tLoaded: 0, pages: 0, zeroPages: 0, flushedPages: 0, blobBytes: 0, channelBytes: [], transferBusyMs: 0 };
   }
   finish(c: CheckpointRecord): void { this.done.push(c); }
   discard(_c: CheckpointRecord): void { this.discarded++; }
@@ -54,7 +59,7 @@ export class CheckpointStats {
   logLine(c: CheckpointRecord): Record<string, unknown> {
     const d = durations(c);
     const r = (x: number) => Math.round(x * 1000) / 1000;
-    return { checkpoint: c.index, transferMs: r(d.transferMs), blobMs: r(d.blobMs), flushMs: r(d.flushMs), pauseMs: r(d.pauseMs), pages: c.pages, zeroPages: c.zeroPages, flushedPages: c.flushedPages, bytes: c.channelBytes.reduce((a, b) => a + b, 0), blobBytes: c.blobBytes };
+    return { checkpoint: c.index, transferMs: r(d.transferMs), transferBusyMs: r(c.transferBusyMs), blobMs: r(d.blobMs), flushMs: r(d.flushMs), pauseMs: r(d.pauseMs), pages: c.pages, zeroPages: c.zeroPages, flushedPages: c.flushedPages, bytes: c.channelBytes.reduce((a, b) => a + b, 0), blobBytes: c.blobBytes };
   }
 
   summary(): Record<string, unknown> {
@@ -63,6 +68,7 @@ export class CheckpointStats {
       count: this.done.length,
       discarded: this.discarded,
       transferMs: distribution(ds.map((d) => d.transferMs)),
+      transferBusyMs: distribution(this.done.map((c) => c.transferBusyMs)),
       blobMs: distribution(ds.map((d) => d.blobMs)),
       flushMs: distribution(ds.map((d) => d.flushMs)),
       pauseMs: distribution(ds.map((d) => d.pauseMs)),
@@ -74,11 +80,11 @@ export class CheckpointStats {
 
   csv(): string {
     const chans = Math.max(0, ...this.done.map((c) => c.channelBytes.length));
-    const head = ['checkpoint', 'transfer_ms', 'blob_ms', 'flush_ms', 'pause_ms', 'pages', 'zero_pages', 'flushed_pages', 'blob_bytes',
+    const head = ['checkpoint', 'transfer_ms', 'transfer_busy_ms', 'blob_ms', 'flush_ms', 'pause_ms', 'pages', 'zero_pages', 'flushed_pages', 'blob_bytes',
       ...Array.from({ length: chans }, (_, i) => (i === 0 ? 'bytes_main' : `bytes_multifd${i - 1}`))];
     const rows = this.done.map((c) => {
       const d = durations(c);
-      return [c.index, d.transferMs.toFixed(3), d.blobMs.toFixed(3), d.flushMs.toFixed(3), d.pauseMs.toFixed(3), c.pages, c.zeroPages, c.flushedPages, c.blobBytes,
+      return [c.index, d.transferMs.toFixed(3), c.transferBusyMs.toFixed(3), d.blobMs.toFixed(3), d.flushMs.toFixed(3), d.pauseMs.toFixed(3), c.pages, c.zeroPages, c.flushedPages, c.blobBytes,
         ...Array.from({ length: chans }, (_, i) => c.channelBytes[i] ?? 0)].join(',');
     });
     return [head.join(','), ...rows].join('\n') + '\n';

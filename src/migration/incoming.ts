@@ -107,6 +107,7 @@ export class IncomingMigration extends EventEmitter {
   #blob: Buffer | null = null;
   #blobAt = 0;
   #cur: CheckpointRecord | null = null;
+  #elu: ReturnType<typeof performance.eventLoopUtilization> | null = null;
   #commit: Promise<void> | null = null;
   #outcome: Outcome | null = null;
   #resolveDone!: (o: Outcome) => void;
@@ -152,6 +153,9 @@ export class IncomingMigration extends EventEmitter {
     sock.on('end', () => { this.#mainEnded = true; this.#pumpMain(); });
     this.#mainQ.push(first);
     this.#pumpMain();
+    // The listener hands the socket over paused; the first bytes may already have parked the
+    // main channel (a barrier), in which case it stays paused until released.
+    if (this.#vm.held === null && this.#phase !== 'committing') sock.resume();
     return true;
   }
 
@@ -179,6 +183,9 @@ export class IncomingMigration extends EventEmitter {
       else if (this.#barrier) this.#checkBarrier();
     });
     ch.push(first);
+    // Handed over paused: resume unless the first bytes already blocked the channel (its own
+    // pause must not be undone, or the socket would buffer without bound).
+    if (!ch.blocked && !ch.failed) sock.resume();
     return true;
   }
 
@@ -205,13 +212,16 @@ export class IncomingMigration extends EventEmitter {
     if (this.#outcome) return;
     const ms = this.#opts.ioTimeoutMs ?? 0;
     if (sock === this.#main) {
-      const idle = this.#phase === 'colo-idle' || (this.#phase === 'done');
-      if (idle || (this.#phase === 'savevm' && this.#vm.atBoundary && this.#mainQ.length === 0 && this.#barrier !== null)) return;
+      // Silence is the peer's fault only while we wait for its bytes: not between checkpoints
+      // (the heartbeat covers that), not while we hold the main channel at a barrier (the
+      // barrier has its own timer) or commit.
+      const waitingOnUs = this.#phase === 'colo-idle' || this.#phase === 'done' || this.#phase === 'committing' || this.#vm.held !== null;
+      if (waitingOnUs) return;
       this.#endWith(wireError('ERR_TIMEOUT', `main: no data for ${ms} ms in phase ${this.#phase}`, 'main', this.#mainQ.consumed), true);
       return;
     }
     const ch = this.channels.find((c) => this.#channelSock.get(c) === sock);
-    if (ch && !ch.quiescent) this.#endWith(wireError('ERR_TIMEOUT', `${ch.name}: no data for ${ms} ms inside a packet`, ch.name, ch.q.consumed), true);
+    if (ch && ch.waitingForPeer) this.#endWith(wireError('ERR_TIMEOUT', `${ch.name}: no data for ${ms} ms inside a packet`, ch.name, ch.q.consumed), true);
     void kind;
   }
 
@@ -315,6 +325,7 @@ export class IncomingMigration extends EventEmitter {
             if (this.#vm.expectVmdesc) { this.#vm.beginVmdesc(); this.#phase = 'vmdesc'; } else this.#finishInitial();
           } else {
             this.#cur!.tRamDone = performance.now();
+            if (this.#elu) this.#cur!.transferBusyMs = performance.eventLoopUtilization(this.#elu).active;
             this.#phase = 'colo-size';
           }
           break;
@@ -341,6 +352,7 @@ export class IncomingMigration extends EventEmitter {
           const at = q.consumed;
           this.#expectMsg(q.take(4).readUInt32BE(0), COLO_MESSAGE_VMSTATE_SEND, at);
           this.#cur!.tSend = performance.now();
+          this.#elu = performance.eventLoopUtilization();
           this.#vm.beginRecords();
           this.#phase = 'savevm';
           break;
@@ -603,7 +615,9 @@ export class IncomingMigration extends EventEmitter {
       const inflight = this.#phase !== 'colo-idle' && this.#phase !== 'committing';
       if (inflight && this.#cur) this.stats.discard(this.#cur);
       const reason = `${err.code}: ${err.message}`;
-      this.log[peerLoss ? 'warn' : 'error']({ err, checkpoint: this.#committed }, `COLO ended; ${inflight ? `checkpoint ${this.#cur?.index} discarded; ` : ''}holding committed checkpoint ${this.#committed}`);
+      // A checkpoint whose commit is running is complete: it finishes and is the one held.
+      const held = this.#phase === 'committing' && this.#cur ? this.#cur.index : this.#committed;
+      this.log[peerLoss ? 'warn' : 'error']({ err, checkpoint: held }, `COLO ended; ${inflight ? `checkpoint ${this.#cur?.index} discarded; ` : ''}holding committed checkpoint ${held}${held !== this.#committed ? ' (its commit completes first)' : ''}`);
       this.#settle(peerLoss ? { kind: 'primary-lost', reason, error: err } : { kind: 'failed', error: err });
       return;
     }

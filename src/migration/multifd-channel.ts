@@ -74,6 +74,17 @@ export class MultiFDChannel {
   /** Between packets with nothing in flight: a clean place for the peer to stop. */
   get quiescent(): boolean { return (this.#state === St.Header || this.#state === St.AtSync) && this.q.length === 0 && this.#inflight === 0; }
 
+  /**
+   * Inside a handshake or packet and short of its bytes: only then does silence mean the
+   * peer stalled. Parked at a SYNC or waiting for a staging slot, the channel waits on us.
+   */
+  get waitingForPeer(): boolean {
+    return this.#state === St.Init || (this.#state === St.Header && this.q.length > 0) || this.#state === St.Payload;
+  }
+
+  /** The socket should stay paused (no slot, or parked at SYNC). */
+  get blocked(): boolean { return this.#blocked; }
+
   push(chunk: Buffer): void {
     if (this.#state === St.Failed) return;
     this.q.push(chunk);

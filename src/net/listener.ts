@@ -50,9 +50,8 @@ export async function listenForMigration(mig: IncomingMigration, opts: ListenOpt
       if (!accepted) {
         opts.log.warn({ peer }, 'connection refused: a migration is already active or all channels are connected');
         sock.destroy();
-        return;
       }
-      sock.resume();
+      // An accepted socket is resumed by its channel, which knows whether it may take bytes.
     };
     const onEarlyEnd = () => { sock.destroy(); };
     sock.on('data', onData);
