@@ -1,5 +1,6 @@
 import { wireError, hex } from '../errors.js';
 import type { RAMBlock } from '../memory/ram-block.js';
+import { PAGES_PER_WINDOW_BITS } from '../memory/shared-layout.js';
 import { WRITE_BOTH, WRITE_CACHE, WRITE_GUEST, type WriteMode } from '../memory/page-writer.js';
 import type { ByteQueue } from '../wire/byte-queue.js';
 import {
@@ -22,6 +23,7 @@ const RamState = { Record: 0, IdstrLen: 1, Idstr: 2, Page: 3, ZeroFill: 4, MemSi
 type RamState = (typeof RamState)[keyof typeof RamState];
 
 const ZERO_PAGE = new Uint8Array(TARGET_PAGE_SIZE);
+const PAGE_IN_WINDOW_MASK = (1 << PAGES_PER_WINDOW_BITS) - 1;
 
 export type RamFeedResult = 'blocked' | 'eos' | 'flush';
 
@@ -175,7 +177,9 @@ export class RamSectionParser {
     this.#mode = this.sink.writeMode();
     const page = this.#addr / TARGET_PAGE_SIZE;
     const mem = this.#mode === WRITE_GUEST ? block.guest : block.cache!;
-    [this.#target, this.#targetAt] = mem.locate(page);
+    // Inline WindowedMemory.locate(): no tuple per page.
+    this.#target = mem.views[page >>> PAGES_PER_WINDOW_BITS]!;
+    this.#targetAt = (page & PAGE_IN_WINDOW_MASK) * TARGET_PAGE_SIZE;
     if ((this.#flags & ~RAM_SAVE_FLAG_CONTINUE) === RAM_SAVE_FLAG_ZERO) {
       this.#state = RamState.ZeroFill;
     } else {

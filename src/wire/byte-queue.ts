@@ -72,7 +72,8 @@ export class ByteQueue {
     assert(i + 4 <= this.#length, 'peek past end');
     const head = this.#chunks[this.#head]!;
     const at = this.#off + i;
-    if (at + 4 <= head.length) return head.readUInt32BE(at);
+    // Bytes by index: Buffer#readUInt32BE validates its argument on every call.
+    if (at + 4 <= head.length) return ((head[at]! << 24) | (head[at + 1]! << 16) | (head[at + 2]! << 8) | head[at + 3]!) >>> 0;
     return ((this.peekByte(i) << 24) | (this.peekByte(i + 1) << 16) | (this.peekByte(i + 2) << 8) | this.peekByte(i + 3)) >>> 0;
   }
 
@@ -108,15 +109,17 @@ export class ByteQueue {
       const head = this.#chunks[this.#head]!;
       const k = Math.min(n, head.length - this.#off);
       const skew = (dst.byteOffset + at) & 7;
-      if (shared && ((head.byteOffset + this.#off) & 7) !== skew) {
+      const src = head.byteOffset + this.#off;
+      // Views, not Buffer#copy: its argument checks cost more than the 4 KiB memcpy.
+      if (shared && (src & 7) !== skew) {
         for (let done = 0; done < k;) {
           const m = Math.min(k - done, SCRATCH_BYTES);
-          head.copy(SCRATCH, skew, this.#off + done, this.#off + done + m);
-          dst.set(new Uint8Array(SCRATCH.buffer, SCRATCH.byteOffset + skew, m), at + done);
+          SCRATCH.set(new Uint8Array(head.buffer, src + done, m), skew);
+          dst.set(skew === 0 && m === PAGE ? SCRATCH_PAGE : new Uint8Array(SCRATCH.buffer, skew, m), at + done);
           done += m;
         }
       } else {
-        head.copy(dst, at, this.#off, this.#off + k);
+        dst.set(new Uint8Array(head.buffer, src, k), at);
       }
       this.#advance(k);
       at += k;
@@ -126,6 +129,13 @@ export class ByteQueue {
 
   skip(n: number): void {
     assert(n <= this.#length, 'skip past end');
+    const head = this.#chunks[this.#head];
+    if (head !== undefined && this.#off + n < head.length) {   // common case: inside the head chunk
+      this.#off += n;
+      this.#length -= n;
+      this.#consumed += n;
+      return;
+    }
     while (n > 0) {
       const head = this.#chunks[this.#head]!;
       const k = Math.min(n, head.length - this.#off);
@@ -161,5 +171,7 @@ export class ByteQueue {
 
 const EMPTY = Buffer.alloc(0);
 const SCRATCH_BYTES = 64 * 1024;
-/** Own allocation: byteOffset 0, so its alignment is the allocator's (>= 8). */
-const SCRATCH = Buffer.allocUnsafeSlow(SCRATCH_BYTES + 8);
+/** Own ArrayBuffer: byteOffset 0, so its alignment is the allocator's (>= 8). */
+const SCRATCH = new Uint8Array(SCRATCH_BYTES + 8);
+const PAGE = 4096;
+const SCRATCH_PAGE = new Uint8Array(SCRATCH.buffer, 0, PAGE);
