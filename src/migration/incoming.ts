@@ -6,7 +6,7 @@ import type { Duplex } from 'node:stream';
  * What a channel needs from its connection: a net.Socket in production; any Duplex (an
  * in-memory pair) for fuzzing, where setNoDelay/setTimeout do not exist.
  */
-export type Transport = Duplex & { setNoDelay?: (b: boolean) => unknown; setTimeout?: (ms: number, cb: () => void) => unknown };
+export type Transport = Duplex & { setNoDelay?: (b: boolean) => unknown; setTimeout?: (ms: number, cb?: () => void) => unknown };
 type Socket = Transport;
 import { performance } from 'node:perf_hooks';
 import type { DecodeTask } from '../compression/decoder.js';
@@ -116,6 +116,7 @@ export class IncomingMigration extends EventEmitter {
   #heartbeat: NodeJS.Timeout | null = null;
   #sockets = new Set<Socket>();
   readonly #channelSock = new Map<MultiFDChannel, Socket>();
+  readonly #overLimit = new Set<number>();   // indexes in `channels` past limits.maxChannels
   readonly #ownPool: boolean;
   /** Compressed channels: each has its own decoder thread and counts its packets (spec §2.10). */
   readonly #decoders = new Map<MultiFDChannel, { thread: DecoderThread; seq: number }>();
@@ -168,7 +169,9 @@ export class IncomingMigration extends EventEmitter {
       }
       return false;
     }
-    if (this.channels.length >= this.limits.maxChannels) return false;
+    // Beyond --max-channels the connection is still parsed up to its handshake, so the
+    // refusal is a typed error naming the channel rather than a silent drop.
+    if (this.channels.length >= this.limits.maxChannels) this.#overLimit.add(this.channels.length);
     const ch = new MultiFDChannel(this.#channelSink, this.#opts.compression ?? 'none', this.limits, this.#opts.slotsPerChannel ?? 4);
     this.channels.push(ch);
     this.#lastAccept = performance.now();
@@ -202,7 +205,9 @@ export class IncomingMigration extends EventEmitter {
     this.#sockets.add(sock);
     sock.setNoDelay?.(true);
     const io = this.#opts.ioTimeoutMs ?? 0;
-    if (io > 0) sock.setTimeout?.(io, () => this.#ioTimeout(sock, kind));
+    // setTimeout(ms, cb) would register cb with once(): the first (idle, ignored) timeout
+    // would use it up. Every timeout must be looked at.
+    if (io > 0 && sock.setTimeout) { sock.setTimeout(io); sock.on('timeout', () => this.#ioTimeout(sock, kind)); }
     sock.on('error', (e) => this.#peerEnded(kind, e));
     sock.on('close', () => this.#sockets.delete(sock));
   }
@@ -378,6 +383,7 @@ export class IncomingMigration extends EventEmitter {
           if (this.#blobAt < blob.length) return 'data';
           // The blob is one FULL section per device then QEMU_VM_EOF (spec §5.5).
           if (blob[blob.length - 1] !== QEMU_VM_EOF) throw wireError('ERR_COLO_PROTOCOL', 'main: device-state blob does not end with QEMU_VM_EOF', 'main', q.consumed - 1);
+          this.#checkChannelsAtRest(`checkpoint ${this.#cur!.index}`);
           const cur = this.#cur!;
           cur.tBlob = performance.now();
           cur.blobBytes = blob.length;
@@ -404,7 +410,20 @@ export class IncomingMigration extends EventEmitter {
   }
 
   /** End of the initial migration: all pages are in (the last barrier covered multifd). */
+  /**
+   * At the end of the RAM part every channel must sit just after the SYNC of the last barrier.
+   * A channel parked at another SYNC, or with pages dispatched since, sent more syncs than the
+   * main channel has barriers (a flipped SYNC bit, a duplicated packet): its pages would be
+   * lost or land in the next checkpoint, so the stream is refused.
+   */
+  #checkChannelsAtRest(where: string): void {
+    if (this.#expected === 0) return;
+    const bad = this.channels.find((c) => c.atSync || c.pagesSinceRelease > 0);
+    if (bad) throw wireError('ERR_SYNC', `${bad.name}: ${bad.atSync ? 'a SYNC packet' : `${bad.pagesSinceRelease} pages`} beyond the last barrier at the end of ${where}`, bad.name, bad.q.consumed);
+  }
+
   #finishInitial(): void {
+    this.#checkChannelsAtRest('the initial migration');
     this.#initialDone = true;
     this.#committedBlob = Buffer.concat(this.#deviceSections);
     this.#deviceSections = [];
@@ -488,6 +507,9 @@ export class IncomingMigration extends EventEmitter {
 
   readonly #channelSink: ChannelSink = {
     onHandshake: (ch: MultiFDChannel, init: MultiFDInit) => {
+      if (this.#overLimit.has(this.channels.indexOf(ch))) {
+        throw wireError('ERR_LIMIT', `multifd: channel ${init.id} is connection ${this.channels.indexOf(ch) + 1}, above the cap of ${this.limits.maxChannels} channels`, ch.name, 24);
+      }
       const max = this.#expected ?? this.limits.maxChannels;
       if (init.id >= max) throw wireError('ERR_HANDSHAKE', `multifd: received channel id ${init.id}, expected below ${max}`, ch.name, 24);
       if (this.#byId.has(init.id)) throw wireError('ERR_HANDSHAKE', `multifd: received id '${init.id}' already setup`, ch.name, 24);
@@ -549,11 +571,21 @@ export class IncomingMigration extends EventEmitter {
     return new Promise<void>((resolve, reject) => {
       // A channel that stays silent without closing would hold the barrier for ever (QEMU 7.2
       // hangs exactly so): after --io-timeout the barrier fails, naming the missing channels.
-      const timer = io > 0 ? setTimeout(() => {
-        const missing = this.channels.filter((c) => !c.synced).map((c) => c.name);
-        const absent = (this.#expected ?? 0) - this.channels.length;
-        this.#endWith(wireError('ERR_TIMEOUT', `main: multifd barrier ${this.#barriers} waited ${io} ms for ${[...missing, ...(absent > 0 ? [`${absent} unconnected channel(s)`] : [])].join(', ')}`, 'main', this.#mainQ.consumed), true);
-      }, io) : null;
+      // The timer measures silence, not the barrier's length: a long iteration whose channels
+      // keep delivering must not fail. It restarts whenever a channel made progress.
+      const progress = () => this.channels.reduce((n, c) => n + c.q.consumed + c.packets, this.channels.length);
+      let seen = progress();
+      let timer: NodeJS.Timeout | null = null;
+      const arm = () => {
+        timer = setTimeout(() => {
+          const now = progress();
+          if (now !== seen) { seen = now; arm(); return; }
+          const missing = this.channels.filter((c) => !c.synced).map((c) => c.name);
+          const absent = (this.#expected ?? 0) - this.channels.length;
+          this.#endWith(wireError('ERR_TIMEOUT', `main: multifd barrier ${this.#barriers} waited ${io} ms without progress for ${[...missing, ...(absent > 0 ? [`${absent} unconnected channel(s)`] : [])].join(', ')}`, 'main', this.#mainQ.consumed), true);
+        }, io);
+      };
+      if (io > 0) arm();
       this.#barrier = {
         resolve: () => { if (timer) clearTimeout(timer); resolve(); },
         reject: (e) => { if (timer) clearTimeout(timer); reject(e); },

@@ -56,6 +56,8 @@ export class MultiFDChannel {
   zeroPages = 0;
   bytes = 0;
   syncs = 0;
+  /** Pages dispatched since the last barrier released this channel (0 at a checkpoint's end). */
+  pagesSinceRelease = 0;
 
   constructor(private readonly sink: ChannelSink, private readonly compression: Compression,
               private readonly limits: Limits, slots = 4) {
@@ -95,6 +97,7 @@ export class MultiFDChannel {
   release(): void {
     if (this.#state !== St.AtSync) return;
     this.#syncPending = false;
+    this.pagesSinceRelease = 0;
     this.#state = St.Header;
     this.#pump();
   }
@@ -222,6 +225,7 @@ export class MultiFDChannel {
     this.#inflight++;
     this.pages += p.normalPages;
     this.zeroPages += p.zeroPages;
+    this.pagesSinceRelease += p.normalPages + p.zeroPages;
     this.bytes += p.payloadLen;
     this.sink.submit(this, task, this.compression === 'none' ? 0 : p.payloadLen).then(
       () => {

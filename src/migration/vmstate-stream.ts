@@ -317,6 +317,8 @@ export class VmStateParser {
       const v = this.#validateNext(view, i + 5);
       if (v === 'more') { this.#searchFrom = i; return false; }
       if (v === 'bad') { this.#searchFrom = i + 1; continue; }
+      // The cap holds for the section found, not only while its footer is missing.
+      if (i + 5 > this.limits.maxSectionBytes) this.#err('ERR_LIMIT', `main: device section "${h.idstr}" of ${i + 5} bytes, max ${this.limits.maxSectionBytes}`);
       const raw = Buffer.from(view.subarray(0, i + 5));
       q.unshift(Buffer.from(view.subarray(i + 5)));
       this.#acc = Buffer.alloc(0);
@@ -335,8 +337,10 @@ export class VmStateParser {
         if (!this.expectVmdesc) return 'ok';
         if (i + 6 >= b.length) return 'more';
         if (b[i + 1] !== QEMU_VM_VMDESCRIPTION) return 'bad';
+        // The length is not capped here: an oversize VMDESCRIPTION must fail at its own record
+        // with ERR_LIMIT, not make the scan miss the true footer.
         const len = b.readUInt32BE(i + 2);
-        return len > 0 && len <= this.limits.maxVmdescBytes && b[i + 6] === 0x7b /* '{' */ ? 'ok' : 'bad';
+        return len > 0 && b[i + 6] === 0x7b /* '{' */ ? 'ok' : 'bad';
       }
       case QEMU_VM_SECTION_START:
       case QEMU_VM_SECTION_FULL: {
