@@ -9,7 +9,7 @@ import type { MultiFDEncoder } from '../../src/sender/multifd-builder.js';
 import { ZlibEncoder, ZstdEncoder } from '../../src/sender/multifd-compress.js';
 import { SyntheticSource } from '../../src/sender/source.js';
 import { compareImage } from '../../src/verify/compare.js';
-import { startReceiver } from '../helpers/synthetic.js';
+import { coloRoundTrip, precopyRoundTrip, startReceiver } from '../helpers/synthetic.js';
 
 const methods = ['zlib', 'zstd'] as const;
 const layouts = ['7.2', '10.x'] as const;
@@ -18,25 +18,13 @@ describe('multifd compression, precopy over loopback', () => {
   for (const compression of methods) {
     for (const layout of layouts) {
       test(`${compression}, ${layout} layout, 4 channels: RAM equals the source byte for byte`, async () => {
-        const r = await startReceiver({ multifdChannels: 4, compression });
-        try {
-          const src = new SyntheticSource({ port: r.port, layout, channels: 4, compression, iterations: 3, seed: 21, memory: { ramMiB: 32 } });
-          const res = await src.run();
-          src.close();
-          assert.equal(res.killed, false);
-          const outcome = await r.mig.done;
-          assert.equal(outcome.kind, 'completed', JSON.stringify(outcome));
-          const img = await r.mig.committedImage();
-          assert.ok(img);
-          assert.equal(compareImage(img, new Map(src.model.blocks.map((b) => [b.idstr, b.host as Uint8Array]))), null);
-          const s = r.mig.summary() as { pages: number; channels: { bytes: number; pages: number }[] };
-          const mf = s.channels.slice(1);
-          assert.ok(mf.every((c) => c.pages > 0), 'every channel carried pages');
-          const wire = mf.reduce((a, c) => a + c.bytes, 0), plain = mf.reduce((a, c) => a + c.pages, 0) * 4096;
-          assert.ok(wire < plain, `payloads are compressed (${wire} wire bytes for ${plain} page bytes)`);
-        } finally {
-          await r.close();
-        }
+        const { mig } = await precopyRoundTrip({ multifdChannels: 4, compression },
+          { layout, channels: 4, compression, iterations: 3, seed: 21, memory: { ramMiB: 32 } });
+        const s = mig.summary() as { pages: number; channels: { bytes: number; pages: number }[] };
+        const mf = s.channels.slice(1);
+        assert.ok(mf.every((c) => c.pages > 0), 'every channel carried pages');
+        const wire = mf.reduce((a, c) => a + c.bytes, 0), plain = mf.reduce((a, c) => a + c.pages, 0) * 4096;
+        assert.ok(wire < plain, `payloads are compressed (${wire} wire bytes for ${plain} page bytes)`);
       });
     }
   }
@@ -46,34 +34,8 @@ describe('multifd compression, COLO checkpoints from the synthetic primary', () 
   for (const compression of methods) {
     for (const layout of layouts) {
       test(`${compression}, ${layout} layout, 4 channels: 5 committed checkpoints equal the primary`, async () => {
-        const r = await startReceiver({ multifdChannels: 4, compression });
-        try {
-          const mismatches: string[] = [];
-          let checked = 0;
-          const src: SyntheticSource = new SyntheticSource({
-            port: r.port, layout, channels: 4, compression, colo: true, checkpoints: 5, workload: 'load', seed: 23,
-            memory: { ramMiB: 64 },
-            onCheckpoint: async (info) => {
-              const img = await r.mig.committedImage();
-              assert.ok(img);
-              assert.equal(img.checkpoint, info.index + 1);
-              const d = compareImage(img, new Map(info.model.blocks.map((b) => [b.idstr, b.host as Uint8Array])));
-              if (d) mismatches.push(`checkpoint ${info.index + 1}: ${d}`);
-              if (!img.deviceState.equals(src.devices.coloBlob().subarray(0, -1))) mismatches.push(`checkpoint ${info.index + 1}: device blob`);
-              checked++;
-            },
-          });
-          const res = await src.run();
-          src.close();
-          assert.equal(res.checkpoints, 5);
-          assert.deepEqual(mismatches, []);
-          assert.equal(checked, 5);
-          const outcome = await r.mig.done;
-          assert.equal(outcome.kind, 'primary-lost');
-          assert.equal((r.mig.summary() as { checkpoints: { count: number } }).checkpoints.count, 5);
-        } finally {
-          await r.close();
-        }
+        await coloRoundTrip({ multifdChannels: 4, compression },
+          { layout, channels: 4, compression, checkpoints: 5, workload: 'load', seed: 23, memory: { ramMiB: 64 } });
       });
     }
   }

@@ -2,9 +2,7 @@
 // a real piscina pool; guest memory is compared byte for byte with the source's model.
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { SyntheticSource } from '../../src/sender/source.js';
-import { compareImage } from '../../src/verify/compare.js';
-import { startReceiver } from '../helpers/synthetic.js';
+import { precopyRoundTrip } from '../helpers/synthetic.js';
 
 const cases = [
   { layout: '7.2', channels: 0 }, { layout: '7.2', channels: 1 }, { layout: '7.2', channels: 4 }, { layout: '7.2', channels: 8 },
@@ -14,25 +12,12 @@ const cases = [
 describe('precopy over loopback', () => {
   for (const c of cases) {
     test(`${c.layout} layout, ${c.channels} multifd channel(s): RAM equals the source byte for byte`, async () => {
-      const r = await startReceiver({ multifdChannels: c.channels });
-      try {
-        const src = new SyntheticSource({ port: r.port, layout: c.layout, channels: c.channels, iterations: 3, seed: 7 + c.channels, memory: { ramMiB: 32 } });
-        const res = await src.run();
-        src.close();
-        assert.equal(res.killed, false);
-        const outcome = await r.mig.done;
-        assert.equal(outcome.kind, 'completed', JSON.stringify(outcome));
-        const img = await r.mig.committedImage();
-        assert.ok(img);
-        const expected = new Map(src.model.blocks.map((b) => [b.idstr, b.host as Uint8Array]));
-        assert.equal(compareImage(img, expected), null);
-        assert.ok(img.deviceState.equals(src.devices.coloBlob().subarray(0, -1)), 'device sections kept verbatim');
-        const s = r.mig.summary() as { channels: { pages: number }[]; syncScheme: string };
-        assert.equal(s.channels.length, 1 + c.channels);
-        if (c.channels > 0) assert.equal(s.syncScheme, c.layout === '7.2' ? 'per-section' : 'per-round');
-      } finally {
-        await r.close();
-      }
+      const { mig, src, img } = await precopyRoundTrip({ multifdChannels: c.channels },
+        { layout: c.layout, channels: c.channels, iterations: 3, seed: 7 + c.channels, memory: { ramMiB: 32 } });
+      assert.ok(img.deviceState.equals(src.devices.coloBlob().subarray(0, -1)), 'device sections kept verbatim');
+      const s = mig.summary() as { channels: { pages: number }[]; syncScheme: string };
+      assert.equal(s.channels.length, 1 + c.channels);
+      if (c.channels > 0) assert.equal(s.syncScheme, c.layout === '7.2' ? 'per-section' : 'per-round');
     });
   }
 });
