@@ -56,7 +56,7 @@ const summary = {
   masterSeed: seed, cases: st.cases, seconds: Math.round(st.seconds), casesPerSecond: Math.round(st.casesPerSecond * 10) / 10,
   crashes: st.crashes, hangs: st.hangs, violations: st.violations, loopDelayMs: st.loopDelay,
   outcomes: sortDesc(st.outcomes), errorCodes: sortDesc(st.codes), distinctErrorCodes: Object.keys(st.codes).length,
-  errorsWithoutChannelOrOffset: st.noChannelOrOffset, mutations: sortDesc(st.mutations),
+  errorsWithoutChannelOrOffset: st.noChannelOrOffset, mutations: sortDesc(st.mutations), perSeed: st.perSeed, perOutcome: st.perOutcome,
   knownReceiverIssues: st.known, knownIssueExamples: st.knownExamples,
   unhandled: st.unhandled.slice(0, 20), findings: st.findings.slice(0, 30),
 };

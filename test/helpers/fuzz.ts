@@ -133,8 +133,8 @@ export function loadCaptures(dir = CAPTURES_DIR): Seed[] {
     const main = meta.connections.find((c) => c.role === 'main');
     out.push({
       name: `capture/${name}`, origin: 'capture', layout: '7.2', colo: meta.colo, channels: meta.multifdChannels, compression: 'none',
-      conns, eofGate: main?.replies?.bytes ?? 0, pagesOnce: meta.kind === 'precopy', weight: 0.3,
-      ioTimeoutMs: 2000, heartbeatTimeoutMs: 4000, maxChunk: 4096,
+      conns, eofGate: main?.replies?.bytes ?? 0, pagesOnce: meta.kind === 'precopy', weight: 0.2,
+      ioTimeoutMs: 1000, heartbeatTimeoutMs: 2000, maxChunk: 4096,
     });
   }
   return out;
@@ -196,10 +196,11 @@ export interface SyntheticSeedSpec {
   weight?: number;
 }
 
+// Small, because every page a case writes costs a page fault in fresh memory (~16 us here).
 const SMALL_BLOCKS = [
-  { idstr: 'pc.ram', usedLength: 1024 * 1024, writable: true },
-  { idstr: '0000:00:02.0/vga.vram', usedLength: 256 * 1024, writable: true },
-  { idstr: 'pc.bios', usedLength: 128 * 1024, writable: false },
+  { idstr: 'pc.ram', usedLength: 512 * 1024, writable: true },
+  { idstr: '0000:00:02.0/vga.vram', usedLength: 128 * 1024, writable: true },
+  { idstr: 'pc.bios', usedLength: 64 * 1024, writable: false },
   { idstr: '/rom@etc/acpi/rsdp', usedLength: 4096, writable: false },
 ];
 
@@ -415,6 +416,7 @@ export async function replay(conns: CaseConn[], o: ReplayOptions): Promise<Repla
       const kind = classify(f.c);
       if (kind === 'short') continue;          // the listener waits for 4 bytes (or drops it at EOF)
       f.attached = true;
+      f.t.pause();                              // the listener hands sockets over paused; the channel resumes it
       if (kind === 'main') {
         if (f.c.role === 'main') main = f.t;
         const ok = mig.attachMain(f.t, Buffer.alloc(0));
@@ -424,7 +426,7 @@ export async function replay(conns: CaseConn[], o: ReplayOptions): Promise<Repla
       } else {
         f.t.destroy();
         f.attached = false;
-        mig.badConnection(new MigrationError('ERR_BAD_MAGIC', `unknown channel magic 0x${f.c.data.readUInt32BE(0).toString(16)}`, undefined, 0));
+        mig.badConnection(new MigrationError('ERR_BAD_MAGIC', `unknown channel magic 0x${f.c.data.readUInt32BE(0).toString(16)} from ${f.c.role}`, `unclassified ${f.c.role}`, 0));
       }
     }
     attachedAll = true;
@@ -572,7 +574,7 @@ export function diffPages(got: Buffer, ref: Image['blocks'] extends Map<string, 
 // ------------------------------------------------------------------------------------------
 // calibration: the unmutated replay is the reference
 
-export const DEFAULT_REPLAY = { ioTimeoutMs: 1000, heartbeatTimeoutMs: 2000 };
+export const DEFAULT_REPLAY = { ioTimeoutMs: 500, heartbeatTimeoutMs: 1000 };
 
 function seedConns(seed: Seed): CaseConn[] {
   return seed.conns.map((c) => ({ role: c.role, data: c.data, gates: c.gates, cut: c.data.length, end: 'eof' as const }));
@@ -1269,6 +1271,8 @@ export interface CaseReport {
   code: string | null;
   /** channel@streamOffset of the error. */
   where?: string;
+  /** The error lacks its channel or its stream offset. */
+  unplaced?: boolean;
   committed: number;
   detail?: string;
   ms: number;
@@ -1283,7 +1287,6 @@ export interface CaseReport {
  * explain are counted as 'known', apart from new ones.
  */
 export const KNOWN_ISSUES = {
-  pausedTimeout: 'ERR_TIMEOUT from a socket the receiver itself had paused (main held at a barrier, or a channel parked at SYNC with its next packet queued): not a silent peer',
   barrierTimer: 'ERR_TIMEOUT from the barrier timer while the channels it names still had bytes buffered for the receiver (the timer does not restart on progress)',
   vmdescOverCap: 'a VMDESCRIPTION over maxVmdescBytes ends as ERR_TRUNCATED / ERR_TIMEOUT (the footer scan rejects the last footer) instead of ERR_LIMIT',
   syncShift: 'a SYNC packet added or moved: pages cross a barrier round; with an extra SYNC the receiver completes while a channel still has unparsed packets',
@@ -1294,7 +1297,6 @@ function knownIssue(c: FuzzCase, r: ReplayResult, err: MigrationError | undefine
   const silent = c.muts.some((m) => m.cut?.end === 'silent');
   if (err?.code === 'ERR_TIMEOUT' && !silent) {
     const conn = (ch: string | undefined) => r.atEnd.find((a) => a.role === (ch === 'main' ? 'main' : ch?.replace('/', '-')));
-    if (/no data for/.test(err.message) && (conn(err.channel)?.pausedTimeouts ?? 0) > 0) return 'pausedTimeout';
     if (/barrier/.test(err.message)) {
       const named = [...err.message.matchAll(/multifd\/(\d+)/g)].map((m) => conn(`multifd/${m[1]}`));
       if (named.length > 0 && named.every((a) => a !== undefined && a.buffered + a.undelivered > 0)) return 'barrierTimer';
@@ -1342,11 +1344,12 @@ export async function runCase(c: FuzzCase, pool: PagePool, opts: Partial<typeof 
   const err = o.kind === 'completed' ? undefined : o.error;
   const outcome = describeOutcome(o);
   const code = err?.code ?? null;
-  const where = err ? `${err.channel ?? '?'}@${err.streamOffset ?? '?'}` : undefined;
+  const where = err ? `${err.channel ?? '(none)'}@${err.streamOffset ?? '(none)'}` : undefined;
+  const unplaced = err !== undefined && (err.channel === undefined || err.streamOffset === undefined);
   const bad = (verdict: Verdict, detail: string): CaseReport => {
     const known = verdict !== 'violation' ? undefined
       : err?.code === 'ERR_TIMEOUT' && maxLag >= Math.min(io, hb) / 2 ? 'overload' : knownIssue(c, r, err, detail);
-    return { ...base, verdict: known ? 'known' : verdict, outcome, code, ...(where ? { where } : {}), detail, ...(known ? { known } : {}) };
+    return { ...base, verdict: known ? 'known' : verdict, outcome, code, ...(where ? { where, unplaced } : {}), detail, ...(known ? { known } : {}) };
   };
 
   // exactly one typed error, from the wire, never an internal one
@@ -1398,19 +1401,34 @@ export async function runCase(c: FuzzCase, pool: PagePool, opts: Partial<typeof 
       } else if (exact && !c.muts.some((m) => m.changesBlocks)) return bad('violation', 'block list of the committed image changed');
       if ((exact || r.committed > damage.max) && !img.deviceState.equals(want.device)) return bad('violation', `device state of checkpoint ${r.committed} differs from the reference`);
     }
-  } else if (sameBlocks) {
+  }
+  // After a failure, page writes already handed to the pool may still be running (the outcome
+  // does not wait for them: the image of a failed initial migration is worthless anyway). A
+  // page read while a worker copies it looks torn, so a count over budget is taken again once
+  // they are done.
+  const guestDiff = async (allowZero: boolean): Promise<number> => {
+    const count = () => r.mig.blocks.blocks.reduce((n, b) => n + diffPages(blockBuffer(b.guest.views), ref.images.get(0)!.blocks.get(b.idstr)!, allowZero, budget + 1), 0);
+    const n = count();
+    if (n <= budget || o.kind === 'completed' || seed.channels === 0) return n;
+    await new Promise((res) => setTimeout(res, 200));
+    return count();
+  };
+  if (seed.colo && r.committed < 0 && sameBlocks && seed.pagesOnce) {
+    // COLO, failed in the initial migration: what is in guest memory is checkpoint 0 or untouched
+    const n = await guestDiff(true);
+    if (n > budget) return bad('violation', `initial migration: ${n} page(s) hold data the stream could not have put there (budget ${budget})`);
+  } else if (!seed.colo && sameBlocks) {
     // precopy: every page is the final one or untouched (a paused source sends each page once)
     const want = ref.images.get(0)!;
     const done = o.kind === 'completed';
     if (done || seed.pagesOnce) {
-      let n = 0;
-      for (const b of r.mig.blocks.blocks) n += diffPages(blockBuffer(b.guest.views), want.blocks.get(b.idstr)!, !done, budget + 1);
+      const n = await guestDiff(!done);
       if (benign && n > 0) return bad('violation', `${n} page(s) differ from the unmutated run`);
       if (n > budget) return bad('violation', `${n} page(s) hold data the stream could not have put there (budget ${budget})`);
     }
     if (benign && done && r.image && !r.image.deviceState.equals(want.device)) return bad('violation', 'device state differs from the unmutated run');
   }
-  return { ...base, verdict: 'ok', outcome, code, ...(where ? { where } : {}) };
+  return { ...base, verdict: 'ok', outcome, code, ...(where ? { where, unplaced } : {}) };
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1426,6 +1444,9 @@ export interface FuzzStats {
   mutations: Record<string, number>;
   noChannelOrOffset: Record<string, number>;
   findings: CaseReport[];
+  /** Cases and mean milliseconds per seed. */
+  perSeed: Record<string, { cases: number; meanMs: number }>;
+  perOutcome: Record<string, { cases: number; meanMs: number }>;
   /** Findings explained by a known receiver issue, per issue. */
   known: Record<string, number>;
   knownExamples: CaseReport[];
@@ -1445,6 +1466,8 @@ export interface CampaignOptions {
   jobs: number;
   onProgress?: (s: FuzzStats) => void;
   progressEveryMs?: number;
+  /** Scales every seed's io and heartbeat timeouts (cases that end in a timeout cost that long). */
+  timeoutScale?: number;
 }
 
 /** Loads every seed, records the synthetic ones, calibrates all of them. */
@@ -1455,13 +1478,16 @@ export async function buildCorpus(pool: PagePool, opts: { captures?: boolean; sy
   for (const s of seeds) {
     s.ref = await calibrate(s, pool);
     s.struct = analyze(s);
-    opts.log?.(`seed ${s.name}: ${s.conns.map((c) => `${c.role} ${c.data.length} B`).join(', ')}; ${s.ref.outcome.kind}${s.ref.outcome.code ? `:${s.ref.outcome.code}` : ''}, checkpoint ${s.ref.committed}; ${s.struct.ramRecords.length} ram records, ${s.struct.packets.length} packets, ${s.struct.sectionHeaders.length} section headers; replay ${s.ref.ms.toFixed(0)} ms`);
+    const st = s.struct;
+    opts.log?.(`seed ${s.name}: ${s.conns.map((c) => `${c.role} ${c.data.length} B`).join(', ')}; ${s.ref.outcome.kind}${s.ref.outcome.code ? `:${s.ref.outcome.code}` : ''}, checkpoint ${s.ref.committed}; `
+      + `${st.ramRecords.length} ram records, ${st.packets.length} packets, ${st.sectionHeaders.length} section headers, ${st.memSize?.entries.length ?? 0} MEM_SIZE entries, `
+      + `${st.vmstateSize.length} VMSTATE_SIZE, ${st.coloMsgs.length} COLO messages, vmdesc ${st.vmdesc ? 'found' : 'none'}, config ${st.config ? 'found' : 'none'}; replay ${s.ref.ms.toFixed(0)} ms`);
   }
   return seeds;
 }
 
 export async function campaign(o: CampaignOptions): Promise<FuzzStats> {
-  const st: FuzzStats = { cases: 0, crashes: 0, hangs: 0, violations: 0, outcomes: {}, codes: {}, mutations: {}, noChannelOrOffset: {}, findings: [], known: {}, knownExamples: [], seconds: 0, casesPerSecond: 0, unhandled: [], loopDelay: { p50: 0, p99: 0, max: 0 } };
+  const st: FuzzStats = { cases: 0, crashes: 0, hangs: 0, violations: 0, outcomes: {}, codes: {}, mutations: {}, noChannelOrOffset: {}, findings: [], perSeed: {}, perOutcome: {}, known: {}, knownExamples: [], seconds: 0, casesPerSecond: 0, unhandled: [], loopDelay: { p50: 0, p99: 0, max: 0 } };
   const t0 = performance.now();
   const h = monitorEventLoopDelay({ resolution: 10 });
   h.enable();
@@ -1484,15 +1510,22 @@ export async function campaign(o: CampaignOptions): Promise<FuzzStats> {
       inflight.add(c);
       let rep: CaseReport;
       try {
-        rep = await runCase(c, o.pool);
+        const k = o.timeoutScale ?? 1;
+        rep = await runCase(c, o.pool, { ioTimeoutMs: Math.round(c.seed.ioTimeoutMs * k), heartbeatTimeoutMs: Math.round(c.seed.heartbeatTimeoutMs * k) });
       } catch (e) {
         rep = { id: c.id, seed: c.seed.name, muts: c.muts.map((m) => m.name), verdict: 'crash', outcome: 'harness-error', code: null, committed: -2, detail: e instanceof Error ? e.stack ?? e.message : String(e), ms: 0, rngSeed: c.rngSeed };
       }
       inflight.delete(c);
       st.cases++;
       st.outcomes[rep.outcome] = (st.outcomes[rep.outcome] ?? 0) + 1;
+      const po = st.perOutcome[rep.outcome] ??= { cases: 0, meanMs: 0 };
+      po.meanMs = Math.round((po.meanMs * po.cases + rep.ms) / (po.cases + 1) * 10) / 10;
+      po.cases++;
+      const ps = st.perSeed[rep.seed] ??= { cases: 0, meanMs: 0 };
+      ps.meanMs = Math.round((ps.meanMs * ps.cases + rep.ms) / (ps.cases + 1) * 10) / 10;
+      ps.cases++;
       if (rep.code) st.codes[rep.code] = (st.codes[rep.code] ?? 0) + 1;
-      if (rep.code && rep.where && rep.where.includes('?')) st.noChannelOrOffset[rep.code] = (st.noChannelOrOffset[rep.code] ?? 0) + 1;
+      if (rep.code && rep.unplaced) st.noChannelOrOffset[rep.code] = (st.noChannelOrOffset[rep.code] ?? 0) + 1;
       for (const m of rep.muts) st.mutations[m] = (st.mutations[m] ?? 0) + 1;
       if (rep.verdict === 'crash') st.crashes++;
       if (rep.verdict === 'hang') st.hangs++;

@@ -170,12 +170,12 @@ const ROWS: Row[] = [
       return { built, v: len, channel: 'main', offset: 'any' };
     },
     opts: { chunk: 1024 },
-    todo: 'receiver bug: maxSectionBytes is only checked while no footer has been found in what is buffered (vmstate-stream.ts #scanDevice), so a section longer than the cap is accepted when its footer arrives in the chunk that crosses the cap (here: 1 KiB chunks, cap = longest section - 1)',
+
   },
   {
     cap: 'maxVmdescBytes',
     build: () => { const built = precopyPlain(); return { built, v: Buffer.byteLength(new DeviceState({ seed: 3 }).vmdescription()), channel: 'main', offset: built.at['vmdesc']! }; },
-    todo: 'receiver bug: with a VMDESCRIPTION longer than the cap, the footer scan (#validateNext: EOF must be followed by VMDESCRIPTION with len <= maxVmdescBytes) rejects the last device section\'s true footer, so the stream ends in ERR_TRUNCATED at EOF (or ERR_TIMEOUT in COLO, where the primary then waits for CHECKPOINT_READY) instead of ERR_LIMIT at the VMDESCRIPTION record',
+
   },
   {
     cap: 'maxPacketPayload',
@@ -187,7 +187,7 @@ const ROWS: Row[] = [
     build: () => { const built = precopyMultifd(3); return { built, v: 3, channel: 'multifd/2', offset: 24 }; },
     opts: { channels: undefined },
     codes: ['ERR_LIMIT', 'ERR_HANDSHAKE'],
-    todo: 'receiver bug: without --multifd-channels, a channel beyond limits.maxChannels is refused silently (incoming.ts attachMultifd returns false, the listener destroys it), the count is learnt without it and the migration completes without that channel\'s pages; it should fail with ERR_LIMIT (or ERR_HANDSHAKE) naming the channel',
+
   },
   {
     cap: 'maxCommandBytes',
@@ -235,9 +235,10 @@ describe('limits: one row per cap, just above refused with ERR_LIMIT, just at ac
 /** Attaches transports by hand: the test controls every byte and when it is sent. */
 function manual(o: { channels?: number; ioTimeoutMs: number; heartbeatTimeoutMs?: number }) {
   const mig = new IncomingMigration({ pool, log: silentLogger, multifdChannels: o.channels ?? 0, ioTimeoutMs: o.ioTimeoutMs, heartbeatTimeoutMs: o.heartbeatTimeoutMs ?? 0 });
-  const main = new MemTransport(() => undefined);
+  // handed over paused, as src/net/listener.ts does: the receiver resumes them
+  const main = new MemTransport(() => undefined).pause();
   mig.attachMain(main, Buffer.alloc(0));
-  const mfd = Array.from({ length: o.channels ?? 0 }, () => { const t = new MemTransport(() => undefined); mig.attachMultifd(t, Buffer.alloc(0)); return t; });
+  const mfd = Array.from({ length: o.channels ?? 0 }, () => { const t = new MemTransport(() => undefined).pause(); mig.attachMultifd(t, Buffer.alloc(0)); return t; });
   return { mig, main, mfd };
 }
 
@@ -298,9 +299,7 @@ describe('dead peers', () => {
     assert.ok(dt <= IO + MARGIN, `ended after ${dt.toFixed(0)} ms`);
   });
 
-  test('... and the error names the silent channel', {
-    todo: 'receiver bug: the healthy multifd/0, parked at its SYNC with its next packet queued (socket paused by the receiver), times out as "multifd/0: no data inside a packet" at the same moment as the barrier timer would name multifd/1, and usually wins (see "a channel parked at its SYNC ..." below)',
-  }, async () => {
+  test('... and the error names the silent channel, not the one parked at its SYNC', async () => {
     const { err } = await silentAtBarrier(300);
     assert.match(err?.message ?? '', /multifd\/1/);
     assert.doesNotMatch(err?.message ?? '', /multifd\/0/);
@@ -384,9 +383,9 @@ describe('dead peers', () => {
 
 // ---------------------------------------------------------------- known receiver bugs (todo until fixed)
 
-describe('timeouts that blame a peer which is not silent', () => {
+describe('timeouts: only a silent peer, and every silent peer', () => {
   test('the main channel held at a barrier longer than ioTimeoutMs, while the channels keep sending, completes', {
-    todo: 'receiver bug: the barrier timer (incoming.ts #runBarrier) fires ioTimeoutMs after the barrier starts whatever the channels do, and the main socket, paused at the barrier, times out too when more main bytes are buffered; a 7.2 source syncs at every section end, so a multifd iteration that takes longer than --io-timeout (10 s default: a few GiB per iteration) fails a healthy migration with ERR_TIMEOUT',
+
   }, async () => {
     const IO = 300;
     const built = precopyMultifd(1);
@@ -406,9 +405,8 @@ describe('timeouts that blame a peer which is not silent', () => {
     await mig.close();
   });
 
-  test('a channel parked at its SYNC with the next packet buffered does not time out while the main channel is slow', {
-    todo: 'receiver bug: #ioTimeout fails a multifd channel that is not quiescent, and a channel parked at SYNC (socket paused by the receiver) with bytes of its next packet already queued is not quiescent: when the main channel needs more than --io-timeout to reach the barrier (a 7.2 main channel carries every zero page), the channel is blamed with ERR_TIMEOUT "no data inside a packet"',
-  }, async () => {
+  // (fixed in 5833dd4: a channel parked at SYNC or waiting for a slot waits on us, not on its peer)
+  test('a channel parked at its SYNC with the next packet buffered does not time out while the main channel is slow', async () => {
     const IO = 300;
     const built = precopyMultifd(1);
     const { mig, main, mfd } = manual({ channels: 1, ioTimeoutMs: IO });
@@ -430,7 +428,7 @@ describe('timeouts that blame a peer which is not silent', () => {
   });
 
   test('after an idle period, a main channel that stalls in the middle of a checkpoint still times out (heartbeat off)', {
-    todo: 'receiver bug: net.Socket#setTimeout(ms, cb) registers cb with once(): #ioTimeout runs for the first timeout of a socket only. The first one is usually an idle one (COLO between checkpoints, a channel between packets) and is ignored, so a later stall mid-record is never detected by --io-timeout: with --heartbeat-timeout 0 the receiver waits for ever, otherwise only the heartbeat ends it',
+
   }, async () => {
     const IO = 200;
     const built = coloOneCheckpoint(3000);
@@ -448,5 +446,22 @@ describe('timeouts that blame a peer which is not silent', () => {
     assert.equal(errorOf(o)?.code, 'ERR_TIMEOUT');
     assert.equal(mig.committedCheckpoint, 0);
     await mig.close();
+  });
+});
+
+// ---------------------------------------------------------------- multifd synchronisation
+
+describe('multifd synchronisation', () => {
+  test('a channel with one SYNC more than the main channel has barriers fails the migration instead of completing without its last packet', {
+
+  }, async () => {
+    const built = precopyMultifd(1);
+    // insert a second SYNC packet right after the setup SYNC
+    const ch = built.conns[1]!.data;
+    const at = MULTIFD_INIT_LEN + MULTIFD_PACKET_HEADER_LEN;
+    const extra = encodeMultiFDPacketHeader({ flags: MULTIFD_FLAG_SYNC, pagesAlloc: 128, normalPages: 0, nextPacketSize: 0, packetNum: 99, ramblock: '', offsets: [] });
+    const mutated = Buffer.concat([ch.subarray(0, at), extra, ch.subarray(at)]);
+    const r = await run({ conns: [built.conns[0]!, conn('multifd-0', mutated)], at: built.at }, { channels: 1 });
+    assert.equal(errorOf(r.outcome)?.code, 'ERR_SYNC', `${JSON.stringify(r.outcome)}; pages of the unmatched packet ${Buffer.from(r.image?.blocks[0]!.views[0]!.subarray(8 * P, 8 * P + 1) ?? []).toString('hex')}`);
   });
 });
