@@ -1,0 +1,76 @@
+// `colo-receiver listen` as a child process, the way a user runs it (the benchmark measures the
+// CLI, not an in-process receiver that would share its event loop with the harness).
+import { spawn, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { cpSync, createWriteStream, type WriteStream } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const CLI = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+
+export class ReceiverChild {
+  readonly exited: Promise<number>;
+  readonly pid: number;
+  stderrTail = '';
+  #port: Promise<number>;
+  #log: WriteStream;
+
+  private constructor(readonly child: ChildProcess, logFile: string) {
+    this.pid = child.pid ?? -1;
+    this.#log = createWriteStream(logFile);
+    let resolvePort!: (p: number) => void, rejectPort!: (e: Error) => void;
+    this.#port = new Promise((res, rej) => { resolvePort = res; rejectPort = rej; });
+    this.#port.catch(() => undefined);
+    let buf = '';
+    child.stderr!.setEncoding('utf8').on('data', (d: string) => {
+      this.#log.write(d);
+      this.stderrTail = (this.stderrTail + d).slice(-4000);
+      buf += d;
+      let i;
+      while ((i = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, i);
+        buf = buf.slice(i + 1);
+        if (!line.includes('waiting for an incoming migration')) continue;
+        try { resolvePort(Number((JSON.parse(line) as { port: number }).port)); } catch { /* not JSON */ }
+      }
+    });
+    child.stdout!.setEncoding('utf8').on('data', (d: string) => { this.#log.write(d); });
+    this.exited = once(child, 'exit').then(([code]) => { this.#log.end(); return code === null ? 99 : Number(code); });
+    void this.exited.then((c) => rejectPort(new Error(`receiver exited (${c}) before listening: ${this.stderrTail}`)));
+  }
+
+  /**
+   * Starts `node <cli> listen --port 0 ...args` (default dist/src/cli/main.js); its stdout and
+   * stderr go to `logFile`.
+   */
+  static start(args: string[], logFile: string, cli = CLI): ReceiverChild {
+    const child = spawn(process.execPath, [cli, 'listen', '--port', '0', '--no-progress', ...args], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, LOG_LEVEL: 'info' },
+    });
+    return new ReceiverChild(child, logFile);
+  }
+
+  port(): Promise<number> { return this.#port; }
+
+  get alive(): boolean { return this.child.exitCode === null && this.child.signalCode === null; }
+
+  /** The exit code, or SIGKILL (by pid) after `ms`. */
+  async wait(ms: number): Promise<number> {
+    const t = setTimeout(() => this.kill(), ms);
+    try { return await this.exited; } finally { clearTimeout(t); }
+  }
+
+  kill(): void { if (this.alive) this.child.kill('SIGKILL'); }
+}
+
+/**
+ * Copies the compiled receiver (dist/src, dist/workers) into `dir` and returns its CLI path, so
+ * that every cell of a run uses the same build even if the tree is rebuilt meanwhile. `dir`
+ * must be inside the project (node_modules is found by walking up).
+ */
+export function snapshotReceiver(dir: string): string {
+  const dist = fileURLToPath(new URL('../../', import.meta.url));
+  for (const sub of ['src', 'workers']) cpSync(join(dist, sub), join(dir, 'dist', sub), { recursive: true });
+  return join(dir, 'dist', 'src', 'cli', 'main.js');
+}
