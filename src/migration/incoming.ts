@@ -221,12 +221,15 @@ export class IncomingMigration extends EventEmitter {
       // (the heartbeat covers that), not while we hold the main channel at a barrier (the
       // barrier has its own timer) or commit.
       const waitingOnUs = this.#phase === 'colo-idle' || this.#phase === 'done' || this.#phase === 'committing' || this.#vm.held !== null;
-      if (waitingOnUs) return;
+      // A socket's idle timer is re-armed only by its own activity: after an ignored timeout
+      // with no bytes since, a later stall would never be reported. Re-arm it here.
+      if (waitingOnUs) { sock.setTimeout?.(ms); return; }
       this.#endWith(wireError('ERR_TIMEOUT', `main: no data for ${ms} ms in phase ${this.#phase}`, 'main', this.#mainQ.consumed), true);
       return;
     }
     const ch = this.channels.find((c) => this.#channelSock.get(c) === sock);
     if (ch && ch.waitingForPeer) this.#endWith(wireError('ERR_TIMEOUT', `${ch.name}: no data for ${ms} ms inside a packet`, ch.name, ch.q.consumed), true);
+    else sock.setTimeout?.(ms);
     void kind;
   }
 
