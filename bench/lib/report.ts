@@ -24,7 +24,7 @@ export interface RunInfo {
     loadavgStart: number[];
     loadavgEnd: number[];
   };
-  config: { modes: number[]; workloads: string[]; secondaries: string[]; checkpoints: number; warmup: number; intervalMs: number; uploadMBps: number; nodelayVariant: boolean };
+  config: { modes: number[]; workloads: string[]; secondaries: string[]; checkpoints: number; warmup: number; intervalMs: number; uploadMBps: number; nodelayVariant: boolean; receiverEnv?: Record<string, string> };
   /** The receiver build measured: git HEAD and how many files under src/ and workers/ differed from it. */
   build?: { gitHead: string; uncommitted: number };
 }
@@ -194,7 +194,7 @@ export function markdown(info: RunInfo, results: CellResult[], chartFiles: Chart
   L.push(`- Primary: ${synth ? 'synthetic QEMU-exact 7.2 COLO primary (in the bench process; workload model calibrated to the real runs)' : `${mc.qemuVersion ?? 'QEMU ?'}, accelerator **${mc.accelerator}**, \`-cpu qemu64\`, 1 vCPU, guest RAM **${mc.guestRamMiB} MiB**, test guest (Debian cloud kernel + busybox), project shim (TLB flush${results.some((r) => r.nodelay) ? ', TCP_NODELAY' : ''})`}`);
   L.push(`- Checkpoints every ${info.config.intervalMs} ms (x-checkpoint-delay); ${info.config.warmup} warm-up then **${info.config.checkpoints} measured** per cell; load = host upload into the guest at ${info.config.uploadMBps} MB/s target over user-net hostfwd${synth ? ' (synthetic: lognormal ~25 MB/checkpoint; idle ~60 pages)' : ''}`);
   L.push(`- Load average (1/5/15 min) at start ${mc.loadavgStart.join(' / ')}, at end ${mc.loadavgEnd.join(' / ')}; per cell below.${highLoad ? ` **The machine was loaded (load average above the CPU count at times: other engineers' jobs share these ${mc.cpus} cores); tails (p99/max) are inflated by that, for both secondaries alike — they ran interleaved, cell by cell.**` : ''}`);
-  L.push(`- Secondaries: **ours** = \`colo-receiver listen\` as a CLI child (\`--multifd-channels N --stats-json --checkpoints-csv\`); ${synth ? "QEMU's own secondary cannot load a synthetic device state, so the C column is NOTES.md's real-primary figure (not this run)" : '**C** = `qemu-system-x86_64 -incoming` 7.2 (diskless COLO secondary; multifd with the shim\'s cache redirect, which stands in for the seed\'s C fix)'}.`);
+  L.push(`- Secondaries: **ours** = \`colo-receiver listen\` as a CLI child (\`--multifd-channels N --stats-json --checkpoints-csv\`${info.config.receiverEnv ? `, environment ${Object.entries(info.config.receiverEnv).map(([k, v]) => `\`${k}=${v}\``).join(' ')}` : ''}); ${synth ? "QEMU's own secondary cannot load a synthetic device state, so the C column is NOTES.md's real-primary figure (not this run)" : '**C** = `qemu-system-x86_64 -incoming` 7.2 (diskless COLO secondary; multifd with the shim\'s cache redirect, which stands in for the seed\'s C fix)'}.`);
   L.push(`- TCP_NODELAY: ${results.some((r) => r.nodelay) ? 'on for QEMU\'s sockets via the shim in the main tables (as in NOTES.md); ours always sets it on its side' : 'off'}${info.config.nodelayVariant ? '; the stock no-NODELAY variant is reported separately below' : ''}.`);
   L.push(`- Times in ms; percentiles nearest-rank (p99 of 100 = the 99th smallest).`, '');
 
@@ -230,7 +230,9 @@ export function markdown(info: RunInfo, results: CellResult[], chartFiles: Chart
   }
   if (ss.some((s) => s.spec.workload === 'load' && s.n > 0)) {
     L.push('### Load, per megabyte', '');
-    L.push('The upload reaches a different rate in each cell (the guest is TCG on a shared 2-core machine, and QEMU\'s secondary runs its own copy of the guest, which takes CPU from the primary), so the load cells do not all move the same MB per checkpoint. Normalised: transfer time (secondary clock) per MB of dirty pages, mean over checkpoints ≥ 1 MB, and the throughput while transferring.', '');
+    L.push(synth
+      ? 'Transfer time (secondary clock) per MB of dirty pages, mean over checkpoints ≥ 1 MB, and the throughput while transferring. With the synthetic primary this includes the JavaScript sender\'s own time to produce the pages (it runs in the benchmark process, on the same 2 cores).'
+      : 'The upload reaches a different rate in each cell (the guest is TCG on a shared 2-core machine, and QEMU\'s secondary runs its own copy of the guest, which takes CPU from the primary), so the load cells do not all move the same MB per checkpoint. Normalised: transfer time (secondary clock) per MB of dirty pages, mean over checkpoints ≥ 1 MB, and the throughput while transferring.', '');
     L.push('| | MB/ckpt (C) | MB/ckpt (ours) | ms/MB C | ms/MB ours | ours / C | GB/s C | GB/s ours |', '|---|---:|---:|---:|---:|---:|---:|---:|');
     for (const nodelay of [true, false]) {
       for (const ch of modes) {
@@ -250,7 +252,7 @@ export function markdown(info: RunInfo, results: CellResult[], chartFiles: Chart
     L.push('');
   }
   L.push(`![transfer-time CDF per cell](${chartFiles.png ?? chartFiles.svg})`, '');
-  L.push(`Chart: ${chartFiles.svg}${chartFiles.png ? ` (PNG: ${chartFiles.png})` : ''} — CDF of the transfer time per cell, ours beside QEMU's; solid = secondary's own clock, dashed = primary SEND→RECEIVED.`, '');
+  L.push(`Chart: ${chartFiles.svg}${chartFiles.png ? ` (PNG: ${chartFiles.png})` : ''} — CDF of the transfer time per cell${synth ? ' (ours; the synthetic primary has no trace, so no dashed primary-clock lines)' : ', ours beside QEMU\'s; solid = secondary\'s own clock, dashed = primary SEND→RECEIVED'}.`, '');
   if (chartFiles.sizeSvg) {
     L.push(`![transfer time vs checkpoint size](${chartFiles.sizePng ?? chartFiles.sizeSvg})`, '');
     L.push(`Chart: ${chartFiles.sizeSvg}${chartFiles.sizePng ? ` (PNG: ${chartFiles.sizePng})` : ''} — transfer time (secondary clock) against the checkpoint's dirty MB, load cells.`, '');
