@@ -47,14 +47,14 @@ if (a.replay !== undefined) {
 
 const seed = a.seed !== undefined ? Number(a.seed) : Date.now() % 2 ** 31;
 log(`fuzzing: up to ${a.cases} cases or ${a.seconds} s, ${a.jobs} jobs, master seed ${seed}`);
-const progress = (s: FuzzStats): void => log(`  ${s.cases} cases, ${s.casesPerSecond.toFixed(1)}/s, crashes ${s.crashes}, hangs ${s.hangs}, violations ${s.violations}, rss ${(process.memoryUsage().rss / 2 ** 20).toFixed(0)} MiB`);
+const progress = (s: FuzzStats): void => log(`  ${s.cases} cases, ${s.casesPerSecond.toFixed(1)}/s, crashes ${s.crashes}, hangs ${s.hangs} (+${s.hangsIncludingKnown - s.hangs} known), violations ${s.violations}, known ${JSON.stringify(s.known)}, rss ${(process.memoryUsage().rss / 2 ** 20).toFixed(0)} MiB`);
 const st = await campaign({ seeds, pool, cases: Number(a.cases), seconds: Number(a.seconds), seed, jobs: Number(a.jobs), onProgress: progress, progressEveryMs: 30_000 });
 await pool.close();
 
 const sortDesc = (o: Record<string, number>) => Object.fromEntries(Object.entries(o).sort((x, y) => y[1] - x[1]));
 const summary = {
   masterSeed: seed, cases: st.cases, seconds: Math.round(st.seconds), casesPerSecond: Math.round(st.casesPerSecond * 10) / 10,
-  crashes: st.crashes, hangs: st.hangs, violations: st.violations, loopDelayMs: st.loopDelay,
+  crashes: st.crashes, hangs: st.hangs, hangsIncludingKnown: st.hangsIncludingKnown, violations: st.violations, loopDelayMs: st.loopDelay,
   outcomes: sortDesc(st.outcomes), errorCodes: sortDesc(st.codes), distinctErrorCodes: Object.keys(st.codes).length,
   errorsWithoutChannelOrOffset: st.noChannelOrOffset, mutations: sortDesc(st.mutations), perSeed: st.perSeed, perOutcome: st.perOutcome,
   knownReceiverIssues: st.known, knownIssueExamples: st.knownExamples,

@@ -6,7 +6,7 @@
 // stream offset of the number). Streams are fed in memory (test/helpers/fuzz.ts: a Duplex per
 // connection, net.Socket timeout semantics) except where a real listener is the point.
 //
-// Rows and tests marked `todo` fail today because of a receiver bug described in the todo text.
+// Tests marked "fixed in <commit>" failed on the receiver before that commit.
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import net from 'node:net';
@@ -381,7 +381,7 @@ describe('dead peers', () => {
   });
 });
 
-// ---------------------------------------------------------------- known receiver bugs (todo until fixed)
+// ---------------------------------------------------------------- timeouts that blamed or missed a peer (fixed)
 
 describe('timeouts: only a silent peer, and every silent peer', () => {
   test('the main channel held at a barrier longer than ioTimeoutMs, while the channels keep sending, completes', {
@@ -445,6 +445,28 @@ describe('timeouts: only a silent peer, and every silent peer', () => {
     assert.ok(o, `no outcome ${(performance.now() - t0).toFixed(0)} ms after the stall (ioTimeoutMs ${IO})`);
     assert.equal(errorOf(o)?.code, 'ERR_TIMEOUT');
     assert.equal(mig.committedCheckpoint, 0);
+    await mig.close();
+  });
+});
+
+describe('timeouts: the initial migration', () => {
+  // fixed in b4a2bc2 (the initial migration has no heartbeat: before, it waited for ever)
+  test('a main channel that stalls mid-record after being held at barriers past ioTimeoutMs still times out', async () => {
+    const IO = 300;
+    const built = precopyMultifd(1);
+    const m = built.conns[0]!.data, ch = built.conns[1]!.data;
+    const { mig, main, mfd } = manual({ channels: 1, ioTimeoutMs: IO, heartbeatTimeoutMs: 5000 });
+    // main: everything up to the middle of the first device section, then silence (no EOF)
+    main.push(m.subarray(0, built.at['devices']! + 20));
+    const firstSync = MULTIFD_INIT_LEN + MULTIFD_PACKET_HEADER_LEN;
+    await sleep(IO * 0.6);
+    mfd[0]!.push(ch.subarray(0, firstSync));          // barrier 1 released before its timer
+    await sleep(IO * 0.6);                              // main's socket timeout fires while held at barrier 2
+    mfd[0]!.push(ch.subarray(firstSync));               // barrier 2 released before its timer
+    const t0 = performance.now();
+    const o = await Promise.race([mig.done, sleep(IO + 2000).then(() => null)]);
+    assert.ok(o, `no outcome ${(performance.now() - t0).toFixed(0)} ms after main stalled (ioTimeoutMs ${IO})`);
+    assert.equal(errorOf(o)?.code, 'ERR_TIMEOUT');
     await mig.close();
   });
 });
