@@ -6,6 +6,14 @@ import { planFlush } from '../memory/colo-flush.js';
 import { runFlushTask, type PageTask, type WriteTask } from '../memory/page-writer.js';
 import type { BlockMemory } from '../memory/shared-layout.js';
 
+/**
+ * piscina first require()s the worker file and imports it only if that throws. On Node
+ * 20.19+ require() of an ES module succeeds, and under load it was seen to abort the process
+ * ("v8::Module::IsGraphAsync must be used on an instantiated module", SIGABRT). Turning
+ * require(esm) off in the workers makes piscina take its import() path.
+ */
+const WORKER_EXEC_ARGV = ['--no-experimental-require-module'];
+
 const WORKER_URL = new URL('../../workers/page-writer.js', import.meta.url).href;
 const DECODER_URL = new URL('../../workers/page-decoder.js', import.meta.url).href;
 
@@ -38,6 +46,7 @@ export class PagePool {
       maxQueue: opts.maxQueue ?? 4096,
       idleTimeout: 60_000,
       concurrentTasksPerWorker: 1,
+      execArgv: WORKER_EXEC_ARGV,
     });
   }
 
@@ -83,6 +92,7 @@ export class DecoderThread {
       stricterFIFO: true,
       idleTimeout: Infinity,
       maxQueue,
+      execArgv: WORKER_EXEC_ARGV,
     });
     // piscina reports a worker's answer to a task it already dropped (destroy() raced the
     // answer) as an 'error' event; close() waits for every task first, so this is a backstop.

@@ -45,8 +45,9 @@ describe('mutation fuzzing of whole migrations', { timeout: 180_000 }, () => {
     assert.equal(st.crashes, 0, show);
     assert.equal(st.hangs, 0, show);
     assert.equal(st.violations, 0, show);
-    // ~40-70 cases/s on this 2-core host when it is not shared; the bound only catches a stall
-    assert.ok(st.cases >= Math.min(CASES, 500), `only ${st.cases} cases ran in ${SECONDS} s`);
+    // ~20-70 cases/s on this 2-core host, 6/s when it is shared with a QEMU benchmark; the bound
+    // only catches a stall
+    assert.ok(st.cases >= Math.min(CASES, 100), `only ${st.cases} cases ran in ${SECONDS} s`);
     assert.ok(Object.keys(st.codes).length >= 8, `distinct error codes: ${Object.keys(st.codes).join(', ')}`);
   });
 });

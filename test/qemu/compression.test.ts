@@ -3,75 +3,30 @@
 // source; and a COLO primary with multifd 4 + zstd for >= 20 checkpoints under upload load.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, readFile, stat, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test, type TestContext } from 'node:test';
-import { ensureGuest, haveQemu, startColoPrimary, startPrecopySource, UploadWorkload } from '../../src/harness/index.js';
+import { ensureGuest, haveQemu, startColoPrimary, UploadWorkload } from '../../src/harness/index.js';
+import { precopyIntoReceiver, type PrecopyStats } from '../helpers/qemu-precopy.js';
 import { ReceiverProcess } from '../helpers/receiver-process.js';
 
-const MEM = 256 * 1024 * 1024;
 const skip = haveQemu() ? false : 'qemu-system-x86_64 not installed (apt-get install qemu-system-x86)';
 const CHECKPOINTS = Number(process.env.COLO_TEST_CHECKPOINTS ?? 22);
 const cleanups: (() => Promise<unknown> | void)[] = [];
 after(async () => { for (const c of cleanups.reverse()) await c(); });
 
-interface Stats {
-  outcome: string;
-  pages: number;
-  channels: { channel: string; pages: number; bytes: number; packets?: number }[];
+interface Stats extends PrecopyStats {
   checkpoints: { count: number; transferMs: { mean: number; p99: number }; mbPerCheckpoint: { mean: number } };
 }
 
-/** Guest-physical ranges QEMU's own restore leaves alone: below VGA and from 1 MiB up (as in precopy.test). */
-function assertSameRam(src: Buffer, got: Buffer): void {
-  assert.equal(got.length, MEM, 'pc.ram.bin has the block used length');
-  for (const [from, to] of [[0, 0xa0000], [0x100000, MEM]] as const) {
-    const a = src.subarray(from, to), b = got.subarray(from, to);
-    if (!a.equals(b)) {
-      let i = 0;
-      while (a[i] === b[i]) i++;
-      assert.fail(`pc.ram differs first at guest address 0x${(from + i).toString(16)}`);
-    }
-  }
-}
-
 async function precopy(t: TestContext, compression: 'zlib' | 'zstd'): Promise<void> {
-  const dir = await mkdtemp(join(tmpdir(), `colo-precopy-${compression}-`));
   // random (incompressible) and repetitive (compressible) data at two addresses
   const a = randomBytes(3 * 1024 * 1024 + 4096);
   const b = Buffer.alloc(5 * 1024 * 1024);
   for (let i = 0; i < b.length; i += 4096) b.write(`page ${i / 4096} of a compressible region `.repeat(40), i, 4096, 'latin1');
-  await writeFile(join(dir, 'a.bin'), a);
-  await writeFile(join(dir, 'b.bin'), b);
-  const recv = ReceiverProcess.start([
-    '--dump-ram', join(dir, 'dump'), '--stats-json', join(dir, 'stats.json'),
-    '--multifd-channels', '4', '--compression', compression,
-  ]);
-  cleanups.push(() => recv.kill());
-  const port = await recv.port();
-  const src = await startPrecopySource({
-    runDir: dir, memMiB: 256,
-    loaderFiles: [{ path: join(dir, 'a.bin'), addr: 0x100000 }, { path: join(dir, 'b.bin'), addr: 0xc800000 }],
-    multifd: { channels: 4, compression },
-  });
-  cleanups.push(() => src.kill());
-  await src.stop();
-  await src.migrate(`tcp:127.0.0.1:${port}`, { parameters: { 'max-bandwidth': 10_000_000_000 } });
-  await src.waitMigrationDone(90_000);
-  const code = await recv.wait(60_000);
-  assert.equal(code, 0, `receiver exit code (stderr: ${recv.stderr.slice(-1500)})`);
-  const srcMem = await readFile(await src.pmemsave(0, MEM, join(dir, 'source.mem')));
-  await src.kill();
-  assert.ok(srcMem.subarray(0x100000, 0x100000 + a.length).equals(a));
-  assert.ok(srcMem.subarray(0xc800000, 0xc800000 + b.length).equals(b));
-  assertSameRam(srcMem, await readFile(join(dir, 'dump', 'pc.ram.bin')));
-  const stats = JSON.parse(await readFile(join(dir, 'stats.json'), 'utf8')) as Stats;
-  assert.equal(stats.outcome, 'completed');
-  assert.equal(stats.channels.length, 5);
-  assert.equal(stats.channels[0]!.pages, 0, '7.2 sends every non-zero page through multifd');
+  const stats = await precopyIntoReceiver(compression, a, b, cleanups, { channels: 4, compression });
   const mf = stats.channels.slice(1);
-  assert.ok(mf.every((c) => c.pages > 0), 'every multifd channel carried pages');
   const wire = mf.reduce((s, c) => s + c.bytes, 0), plain = mf.reduce((s, c) => s + c.pages, 0) * 4096;
   assert.ok(wire < plain, `payloads are compressed: ${wire} bytes on the wire for ${plain} bytes of pages`);
   t.diagnostic(`${compression}: ${mf.reduce((s, c) => s + c.pages, 0)} multifd pages, ${(wire / 1e6).toFixed(1)} MB of payload for ${(plain / 1e6).toFixed(1)} MB of pages`);

@@ -1,74 +1,18 @@
 // Real QEMU 7.2 (Debian, -accel tcg) migrates into `colo-receiver listen`; the received
 // pc.ram must equal the stopped source's memory byte for byte (issue "Receive a real QEMU
 // live migration"). Random data sits in guest RAM at two addresses through loader devices.
-import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, readFile, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
-import { haveQemu, startPrecopySource } from '../../src/harness/index.js';
-import { ReceiverProcess } from '../helpers/receiver-process.js';
+import { haveQemu } from '../../src/harness/index.js';
+import { precopyIntoReceiver } from '../helpers/qemu-precopy.js';
 
-const MEM = 256 * 1024 * 1024;
 const skip = haveQemu() ? false : 'qemu-system-x86_64 not installed (apt-get install qemu-system-x86)';
-
-/** Guest-physical ranges QEMU's own restore leaves alone: below VGA and from 1 MiB up (the issue's rule). */
-function assertSameRam(src: Buffer, got: Buffer): void {
-  assert.equal(got.length, MEM, 'pc.ram.bin has the block used length');
-  for (const [from, to] of [[0, 0xa0000], [0x100000, MEM]] as const) {
-    const a = src.subarray(from, to), b = got.subarray(from, to);
-    if (!a.equals(b)) {
-      let i = 0;
-      while (a[i] === b[i]) i++;
-      assert.fail(`pc.ram differs first at guest address 0x${(from + i).toString(16)}`);
-    }
-  }
-}
-
-const cleanups: (() => Promise<unknown> | void)[] = [];
+const cleanups: (() => unknown)[] = [];
 after(async () => { for (const c of cleanups.reverse()) await c(); });
 
-async function migrateInto(name: string, multifd?: { channels: number; compression?: 'none' | 'zlib' | 'zstd' }): Promise<void> {
-  const dir = await mkdtemp(join(tmpdir(), `colo-precopy-${name}-`));
-  const a = randomBytes(3 * 1024 * 1024 + 4096), b = randomBytes(5 * 1024 * 1024);
-  await writeFile(join(dir, 'a.bin'), a);
-  await writeFile(join(dir, 'b.bin'), b);
-  const recv = ReceiverProcess.start([
-    '--dump-ram', join(dir, 'dump'), '--stats-json', join(dir, 'stats.json'),
-    '--multifd-channels', String(multifd?.channels ?? 0), '--compression', multifd?.compression ?? 'none',
-  ]);
-  cleanups.push(() => recv.kill());
-  const port = await recv.port();
-  const src = await startPrecopySource({
-    runDir: dir, memMiB: 256,
-    loaderFiles: [{ path: join(dir, 'a.bin'), addr: 0x100000 }, { path: join(dir, 'b.bin'), addr: 0xc800000 }],
-    ...(multifd ? { multifd } : {}),
-  });
-  cleanups.push(() => src.kill());
-  await src.stop();
-  await src.migrate(`tcp:127.0.0.1:${port}`, { parameters: { 'max-bandwidth': 10_000_000_000 } });
-  await src.waitMigrationDone(120_000);
-  const code = await recv.wait(60_000);
-  assert.equal(code, 0, `receiver exit code (stderr: ${recv.stderr.slice(-1500)})`);
-  const srcMem = await readFile(await src.pmemsave(0, MEM, join(dir, 'source.mem')));
-  await src.kill();
-  // the loader data really is in the source's RAM: the test compares something non-trivial
-  assert.ok(srcMem.subarray(0x100000, 0x100000 + a.length).equals(a));
-  assert.ok(srcMem.subarray(0xc800000, 0xc800000 + b.length).equals(b));
-  assertSameRam(srcMem, await readFile(join(dir, 'dump', 'pc.ram.bin')));
-  const stats = JSON.parse(await readFile(join(dir, 'stats.json'), 'utf8')) as { outcome: string; channels: { channel: string; pages: number }[]; pages: number };
-  assert.equal(stats.outcome, 'completed');
-  assert.equal(stats.channels.length, 1 + (multifd?.channels ?? 0));
-  if (multifd) {
-    // 7.2 sends every non-zero page through multifd (spec §3.5): the main channel carries none
-    assert.equal(stats.channels[0]!.pages, 0);
-    assert.ok(stats.channels.slice(1).every((c) => c.pages > 0), 'every multifd channel carried pages');
-  }
-  assert.ok(stats.pages >= (a.length + b.length) / 4096);
-}
+const data = () => [randomBytes(3 * 1024 * 1024 + 4096), randomBytes(5 * 1024 * 1024)] as const;
 
 describe('real QEMU 7.2 precopy into colo-receiver', { skip, timeout: 300_000 }, () => {
-  test('plain migration: pc.ram equals the source byte for byte', () => migrateInto('plain'));
-  test('multifd with 4 channels: pc.ram equals the source byte for byte', () => migrateInto('mfd4', { channels: 4 }));
+  test('plain migration: pc.ram equals the source byte for byte', async () => { await precopyIntoReceiver('plain', ...data(), cleanups); });
+  test('multifd with 4 channels: pc.ram equals the source byte for byte', async () => { await precopyIntoReceiver('mfd4', ...data(), cleanups, { channels: 4 }); });
 });
