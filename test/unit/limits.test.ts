@@ -487,3 +487,45 @@ describe('multifd synchronisation', () => {
     assert.equal(errorOf(r.outcome)?.code, 'ERR_SYNC', `${JSON.stringify(r.outcome)}; pages of the unmatched packet ${Buffer.from(r.image?.blocks[0]!.views[0]!.subarray(8 * P, 8 * P + 1) ?? []).toString('hex')}`);
   });
 });
+
+describe('multifd synchronisation in COLO', () => {
+  test('a channel one SYNC ahead (its last SYNC of the initial migration parsed after the initial migration ended) fails before a checkpoint is committed on top', {
+    todo: 'receiver gap (after 3813cb9): the extra-SYNC check runs when the initial migration ends; with the channel still waiting for a staging slot then, its last SYNC of the initial round is parsed in colo-idle and matches checkpoint 1\'s barrier, checkpoint 1 is committed without its own page (parsed after that barrier), and ERR_SYNC comes only afterwards, at the channel\'s next SYNC. Seen by the fuzzer as "committed checkpoint 1: 3 page(s) differ" (node dist/bench/fuzz.js --replay 2302494396, ~4 runs in 30). A SYNC or packet parsed while no barrier is pending in COLO (colo-idle, committing) cannot be valid: failing there, or checking every channel before a commit, keeps the damage to what was already committed',
+  }, async () => {
+    // main: a COLO initial migration with pages on one channel, then one checkpoint
+    const m = precopyMain({ colo: true, mainPages: false });
+    const b = m.b;
+    const initialEnd = b.totalBytes;
+    b.coloMessage(COLO_MESSAGE_CHECKPOINT_REQUEST).coloMessage(COLO_MESSAGE_VMSTATE_SEND);
+    b.sectionEnd(2).ramEos().footer(2).eof();
+    const blob = new StreamBuilder().sectionFull({ sectionId: 0, idstr: 'timer', instanceId: 0, versionId: 2 }, Buffer.alloc(100, 0x5a)).eof().build();
+    b.vmstateSize(blob.length).raw(blob);
+    const main = b.build();
+    // channel: SYNC (setup), an extra SYNC, the initial round's data packet and SYNC, then checkpoint 1's
+    let num = 0;
+    const sync = () => encodeMultiFDPacketHeader({ flags: MULTIFD_FLAG_SYNC, pagesAlloc: 128, normalPages: 0, nextPacketSize: 0, packetNum: num++, ramblock: '', offsets: [] });
+    const data = (fill: number, page: number) => Buffer.concat([encodeMultiFDPacketHeader({ flags: 0, pagesAlloc: 128, normalPages: 1, nextPacketSize: P, packetNum: num++, ramblock: 'pc.ram', offsets: [page * P] }), Buffer.alloc(P, fill)]);
+    const head = Buffer.concat([encodeMultiFDInit({ id: 0 }), sync(), sync()]);
+    const initialRest = Buffer.concat([data(0x60, 8), sync()]);
+    const checkpoint1 = Buffer.concat([data(0x70, 10), sync()]);
+    const replies: number[] = [];
+    // one staging slot: after the data packet the channel waits for its page write, so the
+    // initial round's last SYNC is parsed only after the main channel finished the initial migration
+    const mig = new IncomingMigration({ pool, log: silentLogger, multifdChannels: 1, ioTimeoutMs: 5000, heartbeatTimeoutMs: 0, slotsPerChannel: 1 });
+    const mt = new MemTransport(() => undefined).pause();
+    mig.attachMain(mt, Buffer.alloc(0));
+    const ct = new MemTransport(() => undefined).pause();
+    mig.attachMultifd(ct, Buffer.alloc(0));
+    ct.push(Buffer.concat([head, initialRest]));
+    mt.push(main.subarray(0, initialEnd));
+    for (let i = 0; i < 100 && mig.committedCheckpoint < 0; i++) await sleep(10);
+    await sleep(50);
+    mt.push(main.subarray(initialEnd));       // checkpoint 1
+    ct.push(checkpoint1);
+    const o = await Promise.race([mig.done, sleep(1500).then(() => null)]);
+    const committed = mig.committedCheckpoint;
+    await mig.close();
+    assert.equal(committed, 0, `checkpoint 1 must not be committed (outcome ${JSON.stringify(o)})`);
+    assert.equal(errorOf(o)?.code, 'ERR_SYNC');
+  });
+});
