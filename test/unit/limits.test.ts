@@ -529,3 +529,43 @@ describe('multifd synchronisation in COLO', () => {
     assert.equal(errorOf(o)?.code, 'ERR_SYNC');
   });
 });
+
+describe('shutdown', () => {
+  test('close() right after a failure, with page writes still in flight on its own pool, does not throw later', {
+    todo: 'receiver bug (intermittent: seen twice, 1 in 10 rounds of this scenario before 932deef, not reproduced since): a failed migration does not wait for the page writes already handed to its pool; close() then destroys the piscina pool (PagePool.close) under them, a worker\'s late answer makes piscina emit \'error\' ("Unexpected message from Worker: { taskId: 5, result: 128, error: null, time: null }"), and PagePool has no \'error\' listener (DecoderThread has one), so it is an uncaught exception: the CLI process dies after a failed migration. Wait for in-flight tasks before destroy(), and add the backstop listener',
+  }, async () => {
+    const uncaught: Error[] = [];
+    const onUncaught = (e: Error) => { uncaught.push(e); };
+    process.on('uncaughtException', onUncaught);
+    try {
+      for (let round = 0; round < 10 && uncaught.length === 0; round++) {
+        const CH = 4;
+        const mig = new IncomingMigration({ log: silentLogger, multifdChannels: CH, threads: 2 });     // its own pool, as the CLI has
+        // main: MEM_SIZE, the setup barrier, then a bad record right after it: the migration
+        // fails while every channel has its page writes in flight
+        const main = Buffer.concat([new StreamBuilder().fileHeader().configuration('pc-i440fx-7.2').sectionStart(RAM)
+          .ramMemSize([{ idstr: 'pc.ram', usedLength: 64 << 20 }]).ramEos().footer(2).build(), Buffer.from([0x42])]);
+        const mt = new MemTransport(() => undefined).pause();
+        mig.attachMain(mt, Buffer.alloc(0));
+        for (let id = 0; id < CH; id++) {
+          const parts = [encodeMultiFDInit({ id }), encodeMultiFDPacketHeader({ flags: MULTIFD_FLAG_SYNC, pagesAlloc: 128, normalPages: 0, nextPacketSize: 0, packetNum: 0, ramblock: '', offsets: [] })];
+          for (let k = 0; k < 6; k++) {
+            const first = (id * 6 + k) * 128;
+            parts.push(encodeMultiFDPacketHeader({ flags: 0, pagesAlloc: 128, normalPages: 128, nextPacketSize: 128 * P, packetNum: k + 1, ramblock: 'pc.ram', offsets: Array.from({ length: 128 }, (_, i) => (first + i) * P) }), Buffer.alloc(128 * P, k + 1));
+          }
+          const ct = new MemTransport(() => undefined).pause();
+          mig.attachMultifd(ct, Buffer.alloc(0));
+          ct.push(Buffer.concat(parts));
+        }
+        mt.push(main);
+        const o = await mig.done;
+        assert.equal(errorOf(o)?.code, 'ERR_UNKNOWN_SECTION');
+        await mig.close();
+      }
+      await sleep(300);
+    } finally {
+      process.off('uncaughtException', onUncaught);
+    }
+    assert.deepEqual(uncaught.map((e) => e.message), []);
+  });
+});
