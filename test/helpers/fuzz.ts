@@ -843,6 +843,8 @@ export interface Mutation {
    * in which pages land in another barrier round, so the image may legitimately differ.
    */
   syncMove?: boolean;
+  /** Adds a SYNC packet (a duplicated one, or the flag set on another packet). */
+  addsSync?: boolean;
 }
 
 export interface FuzzCase {
@@ -1158,7 +1160,7 @@ const GENS: Array<[number, string, Gen]> = [
     const d = _seed.conns[x.conn]!.data.subarray(x.at, x.at + x.len);
     const next = s.packets.filter((p) => p.conn === x.conn && p.at > x.at);
     const at = r.chance(0.5) || !next.length ? x.at + x.len : pick(r, next).at;
-    return { name: 'packet-duplicate', splices: [{ conn: x.conn, at, del: 0, ins: Buffer.from(d) }], expect: { kind: 'any' }, budget: 128 };
+    return { name: 'packet-duplicate', splices: [{ conn: x.conn, at, del: 0, ins: Buffer.from(d) }], expect: { kind: 'any' }, budget: 128, addsSync: (x.flags & MULTIFD_FLAG_SYNC) !== 0 };
   }],
   [4, 'pkt-swap', (r, seed, s) => {
     const x = s.packets.length ? pick(r, s.packets) : undefined;
@@ -1194,7 +1196,7 @@ const GENS: Array<[number, string, Gen]> = [
   [2, 'pkt-sync', (r, _seed, s) => {
     if (!s.packets.length) return null;
     const x = pick(r, s.packets);
-    return { name: 'packet-sync-flag-toggled', splices: [set(x.conn, x.at + 8, u32(x.flags ^ MULTIFD_FLAG_SYNC))], expect: { kind: 'any' }, budget: 0 };
+    return { name: 'packet-sync-flag-toggled', splices: [set(x.conn, x.at + 8, u32(x.flags ^ MULTIFD_FLAG_SYNC))], expect: { kind: 'any' }, budget: 0, addsSync: (x.flags & MULTIFD_FLAG_SYNC) === 0 };
   }],
 ];
 
@@ -1302,9 +1304,11 @@ export interface CaseReport {
  */
 export const KNOWN_ISSUES = {
   overload: 'not a receiver issue: ERR_TIMEOUT while the shared event loop lagged by half a timeout or more (the host is overloaded)',
+  syncAhead: 'open receiver gap (todo test "a channel one SYNC ahead ..." in test/unit/limits.test.ts): an extra SYNC parsed after the check of the end of the initial migration / of a commit lets a checkpoint be committed from the wrong round; ERR_SYNC comes only afterwards',
 } as const;
 
-function knownIssue(_c: FuzzCase, _r: ReplayResult, _err: MigrationError | undefined, _detail: string): Exclude<keyof typeof KNOWN_ISSUES, 'overload'> | undefined {
+function knownIssue(c: FuzzCase, _r: ReplayResult, err: MigrationError | undefined, detail: string): Exclude<keyof typeof KNOWN_ISSUES, 'overload'> | undefined {
+  if (c.muts.some((m) => m.addsSync) && err?.code === 'ERR_SYNC' && /page\(s\) differ/.test(detail)) return 'syncAhead';
   return undefined;
 }
 
