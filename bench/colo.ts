@@ -31,6 +31,7 @@ const USAGE = `bench:colo options:
   --upload-mbps N            load: upload rate into the guest (default 40)
   --nodelay-variant          also run the stock no-TCP_NODELAY cells (reported separately)
   --retries N                run a failed cell again up to N times (default 1)
+  --receiver-env K=V[,K=V]   extra environment for our receiver (e.g. GLIBC_TUNABLES=glibc.malloc.hugetlb=1)
   --out DIR                  default bench/results
   --tag NAME                 file name suffix (default colo, or colo-synthetic)
   --render FILE.json         only rewrite the .md and charts of an earlier run from its JSON`;
@@ -48,6 +49,7 @@ const { values: o } = parseArgs({
     'upload-mbps': { type: 'string', default: '40' },
     'nodelay-variant': { type: 'boolean', default: false },
     retries: { type: 'string', default: '1' },
+    'receiver-env': { type: 'string' },
     out: { type: 'string', default: 'bench/results' },
     tag: { type: 'string' },
     render: { type: 'string' },
@@ -86,6 +88,12 @@ const intervalMs = num('interval-ms', o['interval-ms'], 0);
 const uploadMBps = Number(o['upload-mbps']);
 const nodelayVariant = Boolean(o['nodelay-variant']);
 const retries = num('retries', o.retries, 0);
+const receiverEnv: Record<string, string> = {};
+for (const kv of String(o['receiver-env'] ?? '').split(',').filter(Boolean)) {
+  const i = kv.indexOf('=');
+  if (i < 1) fail(`--receiver-env wants K=V, got ${kv}`);
+  receiverEnv[kv.slice(0, i)] = kv.slice(i + 1);
+}
 const root = projectRoot();
 const outDir = resolve(root, String(o.out));
 
@@ -124,7 +132,7 @@ const info: RunInfo = {
     qemuVersion: qemuVersion(), guestRamMiB: ramMiB, node: process.version, kernel: release(),
     loadavgStart: loadStart, loadavgEnd: [],
   },
-  config: { modes, workloads, secondaries, checkpoints, warmup, intervalMs, uploadMBps, nodelayVariant },
+  config: { modes, workloads, secondaries, checkpoints, warmup, intervalMs, uploadMBps, nodelayVariant, ...(Object.keys(receiverEnv).length ? { receiverEnv } : {}) },
   build,
 };
 
@@ -152,7 +160,7 @@ function write(final: boolean) {
 
 for (const [i, spec] of specs.entries()) {
   log(`cell ${i + 1}/${specs.length}: ${cellName(spec)} (load average ${loadavg()[0]!.toFixed(2)})`);
-  const cfg = { ramMiB, intervalMs, warmup, checkpoints, uploadMBps, ...(guest ? { guest } : {}), runDir, receiverCli, log };
+  const cfg = { ramMiB, intervalMs, warmup, checkpoints, uploadMBps, ...(guest ? { guest } : {}), runDir, receiverCli, receiverEnv, log };
   let r = await runCell(spec, cfg);
   for (let k = 0; k < retries && !r.ok; k++) {
     log(`  ${r.name} failed (${r.error}); running it again`);

@@ -51,6 +51,8 @@ export interface CellConfig {
   runDir: string;
   /** The receiver's CLI (a snapshot of the build taken when the run started). */
   receiverCli?: string;
+  /** Extra environment for our receiver (e.g. GLIBC_TUNABLES). */
+  receiverEnv?: Record<string, string>;
   log: (msg: string) => void;
 }
 
@@ -136,7 +138,7 @@ async function qemuCell(spec: CellSpec, cfg: CellConfig, runDir: string, res: Ce
   let uri: string;
   if (spec.secondary === 'ours') {
     recv = ReceiverChild.start(['--multifd-channels', String(spec.channels), '--stats-json', join(runDir, 'stats.json'),
-      '--checkpoints-csv', csv], join(runDir, 'receiver.log'), cfg.receiverCli);
+      '--checkpoints-csv', csv], join(runDir, 'receiver.log'), cfg.receiverCli, cfg.receiverEnv);
     const r = recv;
     track(() => r.kill());
     uri = `tcp:127.0.0.1:${await recv.port()}`;
@@ -221,7 +223,7 @@ async function syntheticCell(spec: CellSpec, cfg: CellConfig, runDir: string, re
   if (spec.secondary !== 'ours') throw new Error("QEMU's secondary cannot load the synthetic primary's device state");
   const csv = join(runDir, 'checkpoints.csv');
   const recv = ReceiverChild.start(['--multifd-channels', String(spec.channels), '--stats-json', join(runDir, 'stats.json'),
-    '--checkpoints-csv', csv], join(runDir, 'receiver.log'), cfg.receiverCli);
+    '--checkpoints-csv', csv], join(runDir, 'receiver.log'), cfg.receiverCli, cfg.receiverEnv);
   track(() => recv.kill());
   const port = await recv.port();
   const total = cfg.warmup + cfg.checkpoints;

@@ -43,10 +43,10 @@ export class ReceiverChild {
    * Starts `node <cli> listen --port 0 ...args` (default dist/src/cli/main.js); its stdout and
    * stderr go to `logFile`.
    */
-  static start(args: string[], logFile: string, cli = CLI): ReceiverChild {
+  static start(args: string[], logFile: string, cli = CLI, env: Record<string, string> = {}): ReceiverChild {
     const child = spawn(process.execPath, [cli, 'listen', '--port', '0', '--no-progress', ...args], {
       stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, LOG_LEVEL: 'info' },
+      env: { ...process.env, LOG_LEVEL: 'info', ...env },
     });
     return new ReceiverChild(child, logFile);
   }
