@@ -1304,11 +1304,11 @@ export interface CaseReport {
  */
 export const KNOWN_ISSUES = {
   overload: 'not a receiver issue: ERR_TIMEOUT while the shared event loop lagged by half a timeout or more (the host is overloaded)',
-  syncAhead: 'open receiver gap (todo test "a channel one SYNC ahead ..." in test/unit/limits.test.ts): an extra SYNC parsed after the check of the end of the initial migration / of a commit lets a checkpoint be committed from the wrong round; ERR_SYNC comes only afterwards',
+  syncAhead: 'open receiver gap (todo test "a channel one SYNC ahead ..." in test/unit/limits.test.ts; bench/fuzz.js --replay 1400875065): an extra SYNC that is parsed after the end-of-migration / commit check leaves a channel one barrier ahead: precopy completes with pages of the last round missing, COLO commits checkpoints from the wrong round (ERR_SYNC later, or never)',
 } as const;
 
 function knownIssue(c: FuzzCase, _r: ReplayResult, err: MigrationError | undefined, detail: string): Exclude<keyof typeof KNOWN_ISSUES, 'overload'> | undefined {
-  if (c.muts.some((m) => m.addsSync) && err?.code === 'ERR_SYNC' && /page\(s\) differ/.test(detail)) return 'syncAhead';
+  if (c.muts.some((m) => m.addsSync) && /page\(s\)/.test(detail) && (err === undefined || err.code === 'ERR_SYNC' || err.code === 'ERR_PEER')) return 'syncAhead';
   return undefined;
 }
 
