@@ -48,6 +48,9 @@ export class PagePool {
       concurrentTasksPerWorker: 1,
       execArgv: WORKER_EXEC_ARGV,
     });
+    // piscina reports a worker message that arrives after destroy() as an 'error' event; with
+    // no listener that would end the process. Task failures still reach their run() callers.
+    this.#pool.on('error', () => undefined);
   }
 
   write(task: WriteTask): Promise<number> { return this.#pool.run(task); }
