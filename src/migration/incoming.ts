@@ -21,14 +21,14 @@ import {
   COLO_MESSAGE_CHECKPOINT_READY, COLO_MESSAGE_CHECKPOINT_REPLY, COLO_MESSAGE_CHECKPOINT_REQUEST, COLO_MESSAGE_NAMES,
   COLO_MESSAGE_VMSTATE_LOADED, COLO_MESSAGE_VMSTATE_RECEIVED, COLO_MESSAGE_VMSTATE_SEND, COLO_MESSAGE_VMSTATE_SIZE,
   COLO_MESSAGE__MAX, MIG_CMD_ENABLE_COLO, MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, MIG_RP_MSG_PONG, MIG_RP_MSG_SHUT,
-  QEMU_VM_EOF,
+  MULTIFD_FLAG_SYNC, QEMU_VM_EOF,
 } from '../wire/constants.js';
 import { be32 } from '../wire/reader.js';
 import { CheckpointStats, type CheckpointRecord } from './checkpoint-stats.js';
 import type { CommittedImage } from './committed-image.js';
 import { DEFAULT_LIMITS, type Limits } from './limits.js';
 import { MultiFDChannel, type ChannelSink } from './multifd-channel.js';
-import type { Compression, MultiFDInit } from './multifd-packet.js';
+import type { Compression, MultiFDInit, MultiFDPacket } from './multifd-packet.js';
 import { RamSectionParser, type RamSink } from './ram-section.js';
 import { VmStateParser, type SectionHeader, type VmStateSink } from './vmstate-stream.js';
 
@@ -62,8 +62,22 @@ export type Outcome =
   | { kind: 'failed'; error: MigrationError };
 
 const AUTO_QUIET_MS = 1500;
+/** Longest wait for the multifd channels' EOF after a precopy migration's last byte. */
+const DRAIN_GRACE_MS = 2000;
 
-type Phase = 'savevm' | 'vmdesc' | 'colo-idle' | 'colo-send' | 'colo-size' | 'colo-blob' | 'committing' | 'done';
+// 'settling': the stream's end was parsed, one I/O turn before the at-rest check;
+// 'draining': precopy sent its last byte, waiting for the multifd channels' EOF;
+// 'colo-check': a checkpoint was received, one I/O turn before the at-rest check and commit.
+type Phase = 'savevm' | 'vmdesc' | 'settling' | 'draining' | 'colo-idle' | 'colo-send' | 'colo-size' | 'colo-blob' | 'colo-check' | 'committing' | 'done';
+
+/** Phases in which a multifd packet with pages or a SYNC may arrive (COLO: after our CHECKPOINT_REPLY). */
+const MULTIFD_OPEN: ReadonlySet<Phase> = new Set<Phase>(['savevm', 'colo-send']);
+
+/**
+ * Two setImmediate hops put one poll phase in between: bytes a peer wrote before the main
+ * channel's last record but that libuv has not read yet are parsed before we decide.
+ */
+const ioTurn = (): Promise<void> => new Promise((r) => setImmediate(() => setImmediate(r)));
 
 interface Barrier { resolve: () => void; reject: (e: unknown) => void }
 
@@ -99,6 +113,11 @@ export class IncomingMigration extends EventEmitter {
   #lastAccept = 0;
   #firstBarrierAt = 0;
   #syncScheme: 'unknown' | 'per-section' | 'per-round' = 'unknown';
+  /** Highest packet_num of the rounds the barriers closed (-1: none). */
+  #roundFloor = -1;
+  /** Highest packet_num parsed in the open round. */
+  #roundMax = -1;
+  #drainTimer: NodeJS.Timeout | null = null;
   #machine = '';
   #configRaw: Buffer | null = null;
   #deviceSections: Buffer[] = [];
@@ -184,6 +203,7 @@ export class IncomingMigration extends EventEmitter {
       // going away. In precopy a channel may close once its last SYNC is in.
       if (!ch.failed && this.#inColoState) this.#peerEnded(ch.name);
       else if (this.#barrier) this.#checkBarrier();
+      else if (this.#phase === 'draining') this.#checkDrained(false);
     });
     ch.push(first);
     // Handed over paused: resume unless the first bytes already blocked the channel (its own
@@ -220,7 +240,8 @@ export class IncomingMigration extends EventEmitter {
       // Silence is the peer's fault only while we wait for its bytes: not between checkpoints
       // (the heartbeat covers that), not while we hold the main channel at a barrier (the
       // barrier has its own timer) or commit.
-      const waitingOnUs = this.#phase === 'colo-idle' || this.#phase === 'done' || this.#phase === 'committing' || this.#vm.held !== null;
+      const waitingOnUs = this.#phase === 'colo-idle' || this.#phase === 'done' || this.#phase === 'committing' || this.#phase === 'colo-check'
+        || this.#phase === 'settling' || this.#phase === 'draining' || this.#vm.held !== null;
       // A socket's idle timer is re-armed only by its own activity: after an ignored timeout
       // with no bytes since, a later stall would never be reported. Re-arm it here.
       if (waitingOnUs) { sock.setTimeout?.(ms); return; }
@@ -330,7 +351,7 @@ export class IncomingMigration extends EventEmitter {
             return 'wait';
           }
           if (!this.#initialDone) {
-            if (this.#vm.expectVmdesc) { this.#vm.beginVmdesc(); this.#phase = 'vmdesc'; } else this.#finishInitial();
+            if (this.#vm.expectVmdesc) { this.#vm.beginVmdesc(); this.#phase = 'vmdesc'; } else return this.#settleInitial();
           } else {
             this.#cur!.tRamDone = performance.now();
             if (this.#elu) this.#cur!.transferBusyMs = performance.eventLoopUtilization(this.#elu).active;
@@ -341,8 +362,7 @@ export class IncomingMigration extends EventEmitter {
         case 'vmdesc': {
           const r = this.#vm.feed();
           if (r !== 'vmdesc') return 'data';
-          this.#finishInitial();
-          break;
+          return this.#settleInitial();
         }
         case 'colo-idle': {
           if (q.length < 4) return 'data';
@@ -386,19 +406,28 @@ export class IncomingMigration extends EventEmitter {
           if (this.#blobAt < blob.length) return 'data';
           // The blob is one FULL section per device then QEMU_VM_EOF (spec §5.5).
           if (blob[blob.length - 1] !== QEMU_VM_EOF) throw wireError('ERR_COLO_PROTOCOL', 'main: device-state blob does not end with QEMU_VM_EOF', 'main', q.consumed - 1);
-          this.#checkChannelsAtRest(`checkpoint ${this.#cur!.index}`);
           const cur = this.#cur!;
+          this.#checkChannelsAtRest(`checkpoint ${cur.index}`);
           cur.tBlob = performance.now();
           cur.blobBytes = blob.length;
           this.#reply(COLO_MESSAGE_VMSTATE_RECEIVED);
-          this.#phase = 'committing';
+          this.#phase = 'colo-check';
           this.#main?.pause();
-          this.#commit = this.#commitCheckpoint(blob).then(
+          this.#commit = ioTurn().then(() => {
+            if (this.#outcome) return;
+            // Still part of this checkpoint: an error here discards it (see #endWith).
+            this.#checkChannelsAtRest(`checkpoint ${cur.index}`);
+            this.#phase = 'committing';
+            return this.#commitCheckpoint(blob);
+          }).then(
             () => { this.#commit = null; this.#main?.resume(); this.#pumpMain(); },
             (e: unknown) => { this.#commit = null; this.#endWith(this.#asError(e, 'main', q.consumed), false); },
           );
           return 'wait';
         }
+        case 'settling':
+        case 'draining':
+        case 'colo-check':
         case 'committing':
         case 'done':
           return 'wait';
@@ -425,6 +454,19 @@ export class IncomingMigration extends EventEmitter {
     if (bad) throw wireError('ERR_SYNC', `${bad.name}: ${bad.atSync ? 'a SYNC packet' : `${bad.pagesSinceRelease} pages`} beyond the last barrier at the end of ${where}`, bad.name, bad.q.consumed);
   }
 
+  /** The initial migration's last byte was parsed: one I/O turn, then #finishInitial. */
+  #settleInitial(): 'wait' {
+    this.#phase = 'settling';
+    this.#main?.pause();
+    void ioTurn().then(() => {
+      if (this.#outcome) return;
+      try { this.#finishInitial(); } catch (e) { this.#endWith(this.#asError(e, 'main', this.#mainQ.consumed), false); return; }
+      this.#main?.resume();
+      this.#pumpMain();
+    });
+    return 'wait';
+  }
+
   #finishInitial(): void {
     this.#checkChannelsAtRest('the initial migration');
     this.#initialDone = true;
@@ -443,9 +485,30 @@ export class IncomingMigration extends EventEmitter {
       this.emit('checkpoint', { index: 0, initial: true });
       return;
     }
-    this.#phase = 'done';
     if (this.#returnPath) this.#rpSend(MIG_RP_MSG_SHUT, be32(0));
     this.#endedAt = performance.now();
+    if (this.channels.length === 0) { this.#phase = 'done'; this.#settle({ kind: 'completed' }); return; }
+    // The source closes its multifd channels right after completing. Until they have, bytes
+    // it sent before its last main-channel record may still be unread: a packet with pages
+    // there (a channel that ran a barrier ahead) would be lost from a "complete" image. Wait
+    // for every channel's EOF, bounded, and refuse such packets (MULTIFD_OPEN).
+    this.#phase = 'draining';
+    const grace = Math.min(this.#opts.ioTimeoutMs || DRAIN_GRACE_MS, DRAIN_GRACE_MS);
+    this.#drainTimer = setTimeout(() => {
+      this.#drainTimer = null;
+      this.log.warn({ channels: this.channels.filter((c) => !c.exhausted).map((c) => c.name), ms: grace }, 'multifd channels still open after the end of the migration; completing with what was parsed');
+      this.#checkDrained(true);
+    }, grace);
+    this.#checkDrained(false);
+  }
+
+  /** Precopy done: complete once every channel ended (or was parked / failed) with nothing beyond its last SYNC. */
+  #checkDrained(force: boolean): void {
+    if (this.#outcome || this.#phase !== 'draining') return;
+    if (!force && !this.channels.every((c) => c.exhausted || c.failed || c.atSync)) return;
+    if (this.#drainTimer) { clearTimeout(this.#drainTimer); this.#drainTimer = null; }
+    try { this.#checkChannelsAtRest('the migration'); } catch (e) { this.#endWith(this.#asError(e, 'main', this.#mainQ.consumed), false); return; }
+    this.#phase = 'done';
     this.#settle({ kind: 'completed' });
   }
 
@@ -529,6 +592,7 @@ export class IncomingMigration extends EventEmitter {
       const method = this.#opts.compression ?? 'none';
       return method === 'none' ? this.pool.write(task) : this.#decode(ch, task, method, compressedBytes);
     },
+    onPacket: (ch, p, at) => this.#checkRound(ch, p, at),
     onSynced: (ch) => {
       if (this.log.isLevelEnabled('debug')) this.log.debug({ channel: ch.name, t: performance.now() - (this.#cur?.tSend ?? 0) }, 'synced');
       if (this.#barrier) queueMicrotask(() => this.#checkBarrier()); },
@@ -619,9 +683,50 @@ export class IncomingMigration extends EventEmitter {
     const gone = this.channels.find((c) => c.exhausted && !c.atSync);
     if (gone) { this.#endWith(wireError('ERR_SYNC', `${gone.name}: connection closed before its SYNC packet for this barrier`, gone.name, gone.q.consumed), true); return; }
     if (this.channels.length < this.#expected! || !this.channels.every((c) => c.synced)) return;
+    const late = this.#roundSpread();
+    if (late) { this.#endWith(late, false); return; }
+    this.#roundFloor = this.#roundMax;
     this.#barrier = null;
     for (const c of this.channels) c.release();
     b.resolve();
+  }
+
+  /**
+   * QEMU ignores packet_num, but every sender numbers packets from one counter, and a barrier
+   * round's packets are all numbered after the previous round's (7.2 assigns numbers on the
+   * migration thread, SYNCs last; 9.0+ at fill time, but a round starts only after every
+   * channel's SYNC was filled). A packet with pages or a SYNC numbered at or below the closed
+   * rounds' highest is left over from an earlier round: a duplicated packet, or the rest of
+   * a channel that reached a false SYNC early. Pages or SYNCs outside a RAM transfer have no
+   * barrier to belong to at all. (An empty packet without SYNC is 7.2 repeating its SYNC's
+   * number after a SYNC that carried pages: harmless, so not checked.)
+   */
+  #checkRound(ch: MultiFDChannel, p: MultiFDPacket, at: number): void {
+    const sync = (p.flags & MULTIFD_FLAG_SYNC) !== 0;
+    const pages = p.normalPages + p.zeroPages;
+    if (pages === 0 && !sync) return;
+    const what = `packet ${p.packetNum} (${pages} pages${sync ? ', SYNC' : ''})`;
+    if (!MULTIFD_OPEN.has(this.#phase)) {
+      throw wireError('ERR_SYNC', `${ch.name}: ${what} outside a RAM transfer (phase ${this.#phase})`, ch.name, at);
+    }
+    if (p.packetNum <= this.#roundFloor) {
+      throw wireError('ERR_SYNC', `${ch.name}: ${what} belongs to a closed round: barrier ${this.#barriers} closed at packet ${this.#roundFloor}`, ch.name, at);
+    }
+    if (p.packetNum > this.#roundMax) this.#roundMax = p.packetNum;
+  }
+
+  /**
+   * At a barrier: from the first SYNC a sender fills to the last, at most the other channels'
+   * SYNCs and one pending data packet per channel are filled (7.2: the SYNCs are consecutive),
+   * so the round cannot reach beyond min(SYNC) + 2C - 1. A SYNC numbered further back is not
+   * this round's: a flipped flag, or a channel that lost its SYNC and ran into the next round.
+   */
+  #roundSpread(): MigrationError | null {
+    const c = this.channels.length;
+    let first = this.channels[0]!;
+    for (const ch of this.channels) if (ch.syncNum < first.syncNum) first = ch;
+    if (this.#roundMax <= first.syncNum + 2 * c - 1) return null;
+    return wireError('ERR_SYNC', `${first.name}: SYNC packet ${first.syncNum} at barrier ${this.#barriers}, but the round reaches packet ${this.#roundMax} (at most ${2 * c - 1} apart with ${c} channels): a SYNC from another round`, first.name, first.q.consumed);
   }
 
   // ---------------------------------------------------------------- endings
@@ -635,6 +740,8 @@ export class IncomingMigration extends EventEmitter {
   #peerEnded(channel: string, err?: Error): void {
     if (this.#outcome) return;
     if (this.#phase === 'done') return;
+    // After the last byte the source closes its sockets; errors there (ECONNRESET) change nothing.
+    if (this.#phase === 'draining' && channel === 'main') return;
     const why = err ? `${channel}: ${err.message}` : `${channel}: connection closed`;
     const at = channel === 'main' ? this.#mainQ.consumed : this.channels.find((c) => c.name === channel)?.q.consumed;
     this.#endWith(new MigrationError(this.#phase === 'colo-idle' ? 'ERR_PEER' : 'ERR_TRUNCATED', why, channel, at, err ? { cause: err } : undefined), true);
@@ -666,6 +773,7 @@ export class IncomingMigration extends EventEmitter {
     if (!this.#endedAt) this.#endedAt = performance.now();
     if (this.#heartbeat) clearTimeout(this.#heartbeat);
     if (this.#settleTimer) clearTimeout(this.#settleTimer);
+    if (this.#drainTimer) clearTimeout(this.#drainTimer);
     if (this.#barrier) { this.#barrier.reject(o.kind === 'completed' ? new Error('closed') : (o as { error?: MigrationError }).error ?? new Error('closed')); this.#barrier = null; }
     for (const c of this.channels) this.#channelSock.get(c)?.destroy();
     if (o.kind !== 'completed') this.#main?.destroy();

@@ -15,6 +15,11 @@ export interface ChannelSink {
   writeMode(): WriteMode;
   /** Runs a packet's page writes; compression methods route it to the channel's own decoder. */
   submit(ch: MultiFDChannel, task: WriteTask, compressedBytes: number): Promise<number>;
+  /**
+   * A packet header was decoded (before its pages are looked at): the place to check that the
+   * packet belongs to the current barrier round. Throw a MigrationError to refuse it.
+   */
+  onPacket?(ch: MultiFDChannel, p: MultiFDPacket, at: number): void;
   /** Every page up to and including this channel's SYNC packet is written (spec §3.1 "arrived"). */
   onSynced(ch: MultiFDChannel): void;
   /** The channel cannot take more bytes now (no staging slot, or parked at SYNC). */
@@ -58,6 +63,8 @@ export class MultiFDChannel {
   syncs = 0;
   /** Pages dispatched since the last barrier released this channel (0 at a checkpoint's end). */
   pagesSinceRelease = 0;
+  /** packet_num of the SYNC packet this channel last parked at (-1: none yet). */
+  syncNum = -1;
 
   constructor(private readonly sink: ChannelSink, private readonly compression: Compression,
               private readonly limits: Limits, slots = 4) {
@@ -166,6 +173,7 @@ export class MultiFDChannel {
           const p = decodeMultiFDPacket(q.take(MULTIFD_PACKET_HEADER_LEN), this.name, this.#pktAt, this.compression, maxPayload);
           this.#pkt = p;
           this.packets++;
+          this.sink.onPacket?.(this, p, this.#pktAt);
           const n = p.normalPages + p.zeroPages;
           if (n > 0) {
             const block = this.sink.findBlock(p.ramblock);
@@ -248,6 +256,7 @@ export class MultiFDChannel {
     this.#pkt = null;
     if (p.flags & MULTIFD_FLAG_SYNC) {
       this.syncs++;
+      this.syncNum = p.packetNum;
       this.#syncPending = true;
       this.#state = St.AtSync;
       if (this.#inflight === 0) this.sink.onSynced(this);

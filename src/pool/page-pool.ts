@@ -31,6 +31,7 @@ export interface PagePoolOptions {
 export class PagePool {
   readonly threads: number;
   readonly #pool: Piscina<PageTask, number>;
+  readonly #inflight = new Set<Promise<number>>();
 
   constructor(opts: PagePoolOptions = {}) {
     const threads = opts.threads ?? Math.max(1, availableParallelism());
@@ -53,7 +54,14 @@ export class PagePool {
     this.#pool.on('error', () => undefined);
   }
 
-  write(task: WriteTask): Promise<number> { return this.#pool.run(task); }
+  write(task: WriteTask): Promise<number> { return this.#track(this.#pool.run(task)); }
+
+  #track(run: Promise<number>): Promise<number> {
+    this.#inflight.add(run);
+    const forget = () => { this.#inflight.delete(run); };
+    run.then(forget, forget);
+    return run;
+  }
 
   /**
    * colo_flush_ram_cache() on the pool: the dirty ranges are split into about `threads`
@@ -65,11 +73,19 @@ export class PagePool {
   async flush(blocks: BlockMemory[], inlinePages = 256): Promise<number> {
     const { tasks, pages } = planFlush(blocks, this.threads);
     if (pages <= inlinePages) return tasks.reduce((n, t) => n + runFlushTask(t), 0);
-    const done = await Promise.all(tasks.map((t) => this.#pool.run(t)));
+    const done = await Promise.all(tasks.map((t) => this.#track(this.#pool.run(t))));
     return done.reduce((a, b) => a + b, 0);
   }
 
-  async close(): Promise<void> { await this.#pool.destroy(); }
+  /**
+   * A failed migration may still have page writes on the pool (one per staging slot): they
+   * finish first (each well under a millisecond), so destroy() never races a worker's answer
+   * and no write is cut off mid-page.
+   */
+  async close(): Promise<void> {
+    await Promise.allSettled([...this.#inflight]);
+    await this.#pool.destroy();
+  }
 }
 
 /**
