@@ -31,7 +31,11 @@ listen options:
   --expect-uuid UUID        refuse multifd channels from a VM with another -uuid
   --allow HOST[,HOST]       accept connections only from these peer addresses
   --io-timeout MS           fail when a peer stalls mid-record for MS (default 10000)
-  --heartbeat-timeout MS    COLO: no checkpoint for MS means the primary is gone (default 5000)
+  --heartbeat-timeout MS|auto
+                            COLO: no checkpoint for MS means the primary is gone. auto
+                            (default): 30 s until the checkpoint interval is known (QEMU's
+                            default x-checkpoint-delay is 20 s), then 3x the longest of the
+                            last 8 idle gaps, at least 1 s. 0 disables
   --on-failover ACTION      COLO: when the primary is lost, resume=tcp:HOST:PORT migrates the
                             committed image into a waiting 'qemu-system-x86_64 -incoming
                             tcp:HOST:PORT'; save=PATH writes it for -incoming "exec:cat PATH"
@@ -41,6 +45,10 @@ listen options:
   --max-section BYTES       cap on one device section of the initial migration (default 64 MiB)
   --max-vmdesc BYTES        cap on the VMDESCRIPTION JSON (default 64 MiB)
   --max-channels N          cap on multifd connections (default 255)
+  --max-packet-payload BYTES
+                            cap on a compressed multifd packet's payload (default and
+                            highest 1 MiB: QEMU's receive buffer and our staging slot)
+  --max-command BYTES       cap on a QEMU_VM_COMMAND payload (default 65536)
   --log-level LEVEL         pino level (default info; LOG_LEVEL also works)
   --no-progress             no progress line on a terminal
 
@@ -62,13 +70,15 @@ const LISTEN = {
   'expect-uuid': { type: 'string' },
   allow: { type: 'string' },
   'io-timeout': { type: 'string', default: '10000' },
-  'heartbeat-timeout': { type: 'string', default: '5000' },
+  'heartbeat-timeout': { type: 'string', default: 'auto' },
   'max-ram': { type: 'string' },
   'max-blob': { type: 'string' },
   'max-blocks': { type: 'string' },
   'max-section': { type: 'string' },
   'max-vmdesc': { type: 'string' },
   'max-channels': { type: 'string' },
+  'max-packet-payload': { type: 'string' },
+  'max-command': { type: 'string' },
   'on-failover': { type: 'string' },
   'log-level': { type: 'string' },
   'no-progress': { type: 'boolean', default: false },
@@ -102,6 +112,8 @@ async function listen(argv: string[]): Promise<number> {
   if (o['max-section'] !== undefined) limits.maxSectionBytes = int(o['max-section'], 'max-section', 64, 2 ** 40);
   if (o['max-vmdesc'] !== undefined) limits.maxVmdescBytes = int(o['max-vmdesc'], 'max-vmdesc', 1, 2 ** 40);
   if (o['max-channels'] !== undefined) limits.maxChannels = int(o['max-channels'], 'max-channels', 1, 255);
+  if (o['max-packet-payload'] !== undefined) limits.maxPacketPayload = int(o['max-packet-payload'], 'max-packet-payload', 1, 2 ** 20);
+  if (o['max-command'] !== undefined) limits.maxCommandBytes = int(o['max-command'], 'max-command', 0, 65536);
   const res = await receive({
     host: String(o.host),
     port: int(o.port, 'port', 0, 65535),
@@ -116,7 +128,7 @@ async function listen(argv: string[]): Promise<number> {
     expectUuid: uuid,
     allow: o.allow ? String(o.allow).split(',').map((s) => s.trim()).filter(Boolean) : [],
     ioTimeoutMs: int(o['io-timeout'], 'io-timeout', 0, 2 ** 31 - 1),
-    heartbeatTimeoutMs: int(o['heartbeat-timeout'], 'heartbeat-timeout', 0, 2 ** 31 - 1),
+    heartbeatTimeoutMs: o['heartbeat-timeout'] === 'auto' ? 'auto' : int(o['heartbeat-timeout'], 'heartbeat-timeout', 0, 2 ** 31 - 1),
     limits,
     onFailover: o['on-failover'] !== undefined ? failoverAction(String(o['on-failover'])) : undefined,
     progress: process.stderr.isTTY === true && !o['no-progress'],

@@ -47,8 +47,12 @@ export interface IncomingOptions {
   expectUuid?: string | undefined;
   /** A peer silent this long in the middle of a record or checkpoint fails the migration. */
   ioTimeoutMs?: number;
-  /** COLO: no checkpoint for this long means the primary is gone (failover). 0 disables. */
-  heartbeatTimeoutMs?: number;
+  /**
+   * COLO: no checkpoint for this long means the primary is gone (failover). 0 disables.
+   * 'auto': HEARTBEAT_AUTO_FIRST_MS until two idle gaps were seen, then 3x the longest of the
+   * last eight (at least HEARTBEAT_AUTO_MIN_MS): follows x-checkpoint-delay without a setting.
+   */
+  heartbeatTimeoutMs?: number | 'auto';
   log?: Logger;
   /** A page pool shared with other migrations (fuzzing, soak); not closed by close(). */
   pool?: PagePool;
@@ -62,6 +66,9 @@ export type Outcome =
   | { kind: 'failed'; error: MigrationError };
 
 const AUTO_QUIET_MS = 1500;
+/** QEMU's default x-checkpoint-delay is 20 s: until the interval is known, wait longer than that. */
+export const HEARTBEAT_AUTO_FIRST_MS = 30_000;
+export const HEARTBEAT_AUTO_MIN_MS = 1000;
 /** Longest wait for the multifd channels' EOF after a precopy migration's last byte. */
 const DRAIN_GRACE_MS = 2000;
 
@@ -369,6 +376,7 @@ export class IncomingMigration extends EventEmitter {
           const at = q.consumed;
           const msg = q.take(4).readUInt32BE(0);
           this.#expectMsg(msg, COLO_MESSAGE_CHECKPOINT_REQUEST, at);
+          this.#noteRequest();
           this.#cur = this.stats.begin(this.#committed + 1, performance.now());
           this.#snapshotCounters();
           this.#reply(COLO_MESSAGE_CHECKPOINT_REPLY);
@@ -558,8 +566,28 @@ export class IncomingMigration extends EventEmitter {
 
   #sortedChannels(): MultiFDChannel[] { return [...this.channels].sort((a, b) => a.id - b.id); }
 
+  /** Idle gaps (commit -> next CHECKPOINT_REQUEST), the last eight, for the 'auto' heartbeat. */
+  readonly #gaps: number[] = [];
+  #armedAt = 0;
+
+  /** The heartbeat timeout now in force (ms; 0: none). */
+  get heartbeatMs(): number {
+    const o = this.#opts.heartbeatTimeoutMs ?? 0;
+    if (o !== 'auto') return o;
+    if (this.#gaps.length < 2) return HEARTBEAT_AUTO_FIRST_MS;
+    return Math.max(HEARTBEAT_AUTO_MIN_MS, Math.ceil(3 * Math.max(...this.#gaps)));
+  }
+
+  #noteRequest(): void {
+    if (this.#armedAt === 0) return;
+    this.#gaps.push(performance.now() - this.#armedAt);
+    if (this.#gaps.length > 8) this.#gaps.shift();
+    this.#armedAt = 0;
+  }
+
   #armHeartbeat(): void {
-    const ms = this.#opts.heartbeatTimeoutMs ?? 0;
+    const ms = this.heartbeatMs;
+    this.#armedAt = performance.now();
     if (this.#heartbeat) clearTimeout(this.#heartbeat);
     this.#heartbeat = null;
     if (ms <= 0 || this.#outcome) return;

@@ -1,7 +1,9 @@
 // COLO with the synthetic primary: after every checkpoint (VMSTATE_LOADED received by the
 // primary) the receiver's committed image equals the primary's memory and device blob.
+import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { coloRoundTrip } from '../helpers/synthetic.js';
+import { SyntheticSource } from '../../src/sender/source.js';
+import { coloRoundTrip, startReceiver } from '../helpers/synthetic.js';
 
 const cases = [
   { layout: '7.2', channels: 0, workload: 'load' }, { layout: '7.2', channels: 4, workload: 'load' },
@@ -14,4 +16,26 @@ describe('COLO checkpoints from the synthetic primary', () => {
       await coloRoundTrip({ multifdChannels: c.channels }, { layout: c.layout, channels: c.channels, checkpoints: 8, workload: c.workload, seed: 11, memory: { ramMiB: 64 } });
     });
   }
+});
+
+describe('heartbeat timeout: auto', () => {
+  test('30 s until two idle gaps are known, then 3x the longest recent gap, at least 1 s', async () => {
+    const r = await startReceiver({ multifdChannels: 0, heartbeatTimeoutMs: 'auto' });
+    try {
+      const seen: number[] = [];
+      const src = new SyntheticSource({
+        colo: true, port: r.port, layout: '7.2', channels: 0, checkpoints: 5, workload: 'idle', seed: 3, memory: { ramMiB: 16 },
+        intervalMs: 450,
+        onCheckpoint: () => { seen.push(r.mig.heartbeatMs); },
+      });
+      assert.equal(r.mig.heartbeatMs, 30_000);
+      await src.run();
+      src.close();
+      // after checkpoint 1 one gap is known (still 30 s); from checkpoint 2 on, ~3 x 450 ms
+      assert.equal(seen[0], 30_000, JSON.stringify(seen));
+      for (const ms of seen.slice(1)) assert.ok(ms >= 3 * 450 && ms < 3 * 450 + 1500, JSON.stringify(seen));
+    } finally {
+      await r.close();
+    }
+  });
 });
