@@ -24,8 +24,26 @@ const { values: a } = parseArgs({
     'no-captures': { type: 'boolean', default: false },
     'no-synthetic': { type: 'boolean', default: false },
     replay: { type: 'string' },
+    help: { type: 'boolean', short: 'h', default: false },
   },
 });
+if (a.help) {
+  process.stdout.write(`Mutation fuzzer of the receiver (issue "Hardening").
+
+  node dist/bench/fuzz.js [--cases N] [--seconds S] [--seed X] [--jobs J] [--threads T]
+                          [--json FILE] [--no-captures] [--no-synthetic] [--replay RNGSEED]
+
+  --cases N        stop after N cases (default 100000)
+  --seconds S      or after S seconds (default 900)
+  --seed X         campaign seed (default: random, printed)
+  --jobs J         cases run concurrently in this process (default 4)
+  --threads T      page-writer threads of the shared pool (default 2)
+  --json FILE      write the statistics and findings as JSON
+  --replay R       run the one case with rngSeed R (from a finding) and print it
+Exit status 1 when a crash, hang or rule violation was found.
+`);
+  process.exit(0);
+}
 
 const log = (s: string): void => { process.stderr.write(`${s}\n`); };
 const pool = new PagePool({ threads: Number(a.threads) });

@@ -33,8 +33,20 @@ const { values: a } = parseArgs({
     threads: { type: 'string' },
     json: { type: 'string' },
     primary: { type: 'string' },       // internal: run as the primary, connecting to this port
+    help: { type: 'boolean', short: 'h', default: false },
   },
 });
+if (a.help) {
+  process.stdout.write(`Soak: a long COLO session from the synthetic primary into one receiver.
+
+  node dist/bench/soak.js [--checkpoints 10000] [--ram-mib 64] [--channels 4] [--layout 7.2|10.x]
+                          [--workload load|idle|PAGES] [--samples 10] [--threads T] [--json FILE]
+
+Reports RSS and heap at start, after the initial migration and at the end, event-loop delay
+p99 per window, checkpoint timings, and checks the final committed image against the primary.
+`);
+  process.exit(0);
+}
 const checkpoints = Number(a.checkpoints);
 const ramMiB = Number(a['ram-mib']);
 const channels = Number(a.channels);
