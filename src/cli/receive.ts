@@ -1,7 +1,9 @@
+import { createWriteStream, type WriteStream } from 'node:fs';
 import { mkdir, writeFile, open } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Server } from 'node:net';
 import type { Logger } from '../log.js';
+import { CheckpointStats, type CheckpointRecord } from '../migration/checkpoint-stats.js';
 import { IncomingMigration, type IncomingOptions, type Outcome } from '../migration/incoming.js';
 import { dumpFileName, type CommittedImage } from '../migration/committed-image.js';
 import { listenForMigration } from '../net/listener.js';
@@ -72,6 +74,20 @@ export async function receive(opts: ReceiveOptions): Promise<ReceiveResult> {
     }
     let endedAt = 0;
     mig.once('end', () => { endedAt = performance.now(); });
+    // One row per committed checkpoint as it happens: the stats keep only a window, and a
+    // long session's CSV must not wait for (or be lost with) the end.
+    let csv: WriteStream | null = null;
+    let csvChannels = 0;
+    if (opts.checkpointsCsv) {
+      const file = createWriteStream(opts.checkpointsCsv);
+      csv = file;
+      file.on('error', (e) => { log.error({ err: e, file: opts.checkpointsCsv }, 'cannot write the checkpoints CSV'); csv = null; });
+      mig.on('checkpoint', (e: { initial: boolean; record?: CheckpointRecord }) => {
+        if (e.initial || !e.record || !csv) return;
+        if (csvChannels === 0) { csvChannels = e.record.channelBytes.length; csv.write(CheckpointStats.csvHeader(csvChannels) + '\n'); }
+        csv.write(CheckpointStats.csvRow(e.record, csvChannels) + '\n');
+      });
+    }
     const outcome = await mig.done;
     if (timer) { clearInterval(timer); process.stderr.write('\n'); }
     server.close();
@@ -96,7 +112,11 @@ export async function receive(opts: ReceiveOptions): Promise<ReceiveResult> {
       log.info({ checkpoint: img.checkpoint, dir: opts.dumpRam }, 'committed image written');
     }
     if (opts.statsJson) await writeFile(opts.statsJson, JSON.stringify(summary, null, 2) + '\n');
-    if (opts.checkpointsCsv) await writeFile(opts.checkpointsCsv, mig.stats.csv());
+    if (csv) {
+      const file: WriteStream = csv;
+      if (csvChannels === 0) file.write(CheckpointStats.csvHeader(1 + mig.channels.length) + '\n');
+      await new Promise<void>((r) => { file.end(r); });
+    }
     return { outcome, summary, mig, ...(failover ? { failover } : {}) };
   } finally {
     if (timer) clearInterval(timer);

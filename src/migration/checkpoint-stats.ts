@@ -45,14 +45,35 @@ export const durations = (c: CheckpointRecord) => ({
   pauseMs: c.tLoaded - c.tRequest,
 });
 
+/**
+ * Checkpoints kept for the distributions. A secondary runs for days (144,000 checkpoints a
+ * day at a 600 ms interval), so the records cannot all stay in memory: the summary covers the
+ * last STATS_WINDOW, the CSV is written a row at a time as checkpoints commit (cli/receive.ts).
+ */
+export const STATS_WINDOW = 10_000;
+
 export class CheckpointStats {
-  readonly done: CheckpointRecord[] = [];
+  /** Committed checkpoints measured, all of them. */
+  count = 0;
   discarded = 0;
+  #recent: CheckpointRecord[] = [];
+  #head = 0;
+
+  constructor(readonly window = STATS_WINDOW) {}
+
+  /** The last `window` committed checkpoints, oldest first. */
+  get done(): CheckpointRecord[] { return this.#head === 0 ? this.#recent : this.#recent.slice(this.#head); }
 
   begin(index: number, tRequest: number): CheckpointRecord {
     return { index, tRequest, tSend: 0, tRamDone: 0, tBlob: 0, tFlushStart: 0, tFlushEnd: 0, tLoaded: 0, pages: 0, zeroPages: 0, flushedPages: 0, blobBytes: 0, channelBytes: [], transferBusyMs: 0 };
   }
-  finish(c: CheckpointRecord): void { this.done.push(c); }
+  finish(c: CheckpointRecord): void {
+    this.count++;
+    this.#recent.push(c);
+    // drop the oldest by moving a head index; compact once the dead prefix is as long as the window
+    if (this.#recent.length - this.#head > this.window) this.#head++;
+    if (this.#head >= this.window) { this.#recent = this.#recent.slice(this.#head); this.#head = 0; }
+  }
   discard(_c: CheckpointRecord): void { this.discarded++; }
 
   /** One pino line per checkpoint, never per page. */
@@ -63,30 +84,39 @@ export class CheckpointStats {
   }
 
   summary(): Record<string, unknown> {
-    const ds = this.done.map(durations);
+    const done = this.done;
+    const ds = done.map(durations);
     return {
-      count: this.done.length,
+      count: this.count,
       discarded: this.discarded,
+      // distributions below are over the last `window` checkpoints
+      window: done.length,
       transferMs: distribution(ds.map((d) => d.transferMs)),
-      transferBusyMs: distribution(this.done.map((c) => c.transferBusyMs)),
+      transferBusyMs: distribution(done.map((c) => c.transferBusyMs)),
       blobMs: distribution(ds.map((d) => d.blobMs)),
       flushMs: distribution(ds.map((d) => d.flushMs)),
       pauseMs: distribution(ds.map((d) => d.pauseMs)),
-      pages: distribution(this.done.map((c) => c.pages)),
-      zeroPages: distribution(this.done.map((c) => c.zeroPages)),
-      mbPerCheckpoint: distribution(this.done.map((c) => c.channelBytes.reduce((a, b) => a + b, 0) / 1e6)),
+      pages: distribution(done.map((c) => c.pages)),
+      zeroPages: distribution(done.map((c) => c.zeroPages)),
+      mbPerCheckpoint: distribution(done.map((c) => c.channelBytes.reduce((a, b) => a + b, 0) / 1e6)),
     };
   }
 
+  static csvHeader(channels: number): string {
+    return ['checkpoint', 'transfer_ms', 'transfer_busy_ms', 'blob_ms', 'flush_ms', 'pause_ms', 'pages', 'zero_pages', 'flushed_pages', 'blob_bytes',
+      ...Array.from({ length: channels }, (_, i) => (i === 0 ? 'bytes_main' : `bytes_multifd${i - 1}`))].join(',');
+  }
+
+  static csvRow(c: CheckpointRecord, channels: number): string {
+    const d = durations(c);
+    return [c.index, d.transferMs.toFixed(3), c.transferBusyMs.toFixed(3), d.blobMs.toFixed(3), d.flushMs.toFixed(3), d.pauseMs.toFixed(3), c.pages, c.zeroPages, c.flushedPages, c.blobBytes,
+      ...Array.from({ length: channels }, (_, i) => c.channelBytes[i] ?? 0)].join(',');
+  }
+
+  /** The window as CSV (the CLI streams every row instead: csvHeader / csvRow). */
   csv(): string {
-    const chans = Math.max(0, ...this.done.map((c) => c.channelBytes.length));
-    const head = ['checkpoint', 'transfer_ms', 'transfer_busy_ms', 'blob_ms', 'flush_ms', 'pause_ms', 'pages', 'zero_pages', 'flushed_pages', 'blob_bytes',
-      ...Array.from({ length: chans }, (_, i) => (i === 0 ? 'bytes_main' : `bytes_multifd${i - 1}`))];
-    const rows = this.done.map((c) => {
-      const d = durations(c);
-      return [c.index, d.transferMs.toFixed(3), c.transferBusyMs.toFixed(3), d.blobMs.toFixed(3), d.flushMs.toFixed(3), d.pauseMs.toFixed(3), c.pages, c.zeroPages, c.flushedPages, c.blobBytes,
-        ...Array.from({ length: chans }, (_, i) => c.channelBytes[i] ?? 0)].join(',');
-    });
-    return [head.join(','), ...rows].join('\n') + '\n';
+    const done = this.done;
+    const chans = Math.max(0, ...done.map((c) => c.channelBytes.length));
+    return [CheckpointStats.csvHeader(chans), ...done.map((c) => CheckpointStats.csvRow(c, chans))].join('\n') + '\n';
   }
 }
