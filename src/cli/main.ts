@@ -93,6 +93,11 @@ function int(v: unknown, name: string, min: number, max: number): number {
   return n;
 }
 
+function heartbeat(v: unknown): number | 'auto' {
+  if (v === 'auto') return 'auto';
+  try { return int(v, 'heartbeat-timeout', 0, 2 ** 31 - 1); } catch { throw new UsageError(`--heartbeat-timeout must be auto or milliseconds (0..${2 ** 31 - 1}, 0 disables), got ${String(v)}`); }
+}
+
 function failoverAction(spec: string): FailoverAction {
   try { return parseFailoverAction(spec); } catch (e) { throw new UsageError((e as Error).message); }
 }
@@ -128,7 +133,7 @@ async function listen(argv: string[]): Promise<number> {
     expectUuid: uuid,
     allow: o.allow ? String(o.allow).split(',').map((s) => s.trim()).filter(Boolean) : [],
     ioTimeoutMs: int(o['io-timeout'], 'io-timeout', 0, 2 ** 31 - 1),
-    heartbeatTimeoutMs: o['heartbeat-timeout'] === 'auto' ? 'auto' : int(o['heartbeat-timeout'], 'heartbeat-timeout', 0, 2 ** 31 - 1),
+    heartbeatTimeoutMs: heartbeat(o['heartbeat-timeout']),
     limits,
     onFailover: o['on-failover'] !== undefined ? failoverAction(String(o['on-failover'])) : undefined,
     progress: process.stderr.isTTY === true && !o['no-progress'],
