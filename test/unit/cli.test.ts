@@ -1,0 +1,31 @@
+// The CLI's option handling: usage errors exit 1 with a message naming the option; --help
+// documents every cap option.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { describe, test } from 'node:test';
+
+const MAIN = new URL('../../src/cli/main.js', import.meta.url).pathname;
+const run = (...args: string[]) => spawnSync(process.execPath, [MAIN, ...args], { encoding: 'utf8', timeout: 20_000 });
+
+describe('colo-receiver CLI', () => {
+  test('--help lists every cap and the heartbeat modes', () => {
+    const r = run('listen', '--help');
+    assert.equal(r.status, 0);
+    for (const o of ['--max-ram', '--max-blob', '--max-blocks', '--max-section', '--max-vmdesc', '--max-channels', '--max-packet-payload', '--max-command', '--io-timeout', '--heartbeat-timeout MS|auto', '--expect-uuid', '--allow']) {
+      assert.ok(r.stdout.includes(o), `--help mentions ${o}`);
+    }
+  });
+
+  for (const [args, msg] of [
+    [['--heartbeat-timeout', 'soon'], /--heartbeat-timeout must be auto or milliseconds/],
+    [['--max-command', '70000'], /--max-command must be an integer in 0\.\.65536/],
+    [['--max-packet-payload', String(2 ** 20 + 1)], /--max-packet-payload must be an integer in 1\.\.1048576/],
+    [['--compression', 'lz4'], /--compression must be none, zlib or zstd/],
+  ] as const) {
+    test(`listen ${args.join(' ')}: exit 1, says why`, () => {
+      const r = run('listen', ...args);
+      assert.equal(r.status, 1, r.stderr);
+      assert.match(r.stderr, msg);
+    });
+  }
+});
