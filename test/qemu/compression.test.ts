@@ -1,6 +1,7 @@
 // Real QEMU 7.2 with multifd-compression (issue "Multifd compression"): precopy with zlib and
 // with zstd over 4 channels into `colo-receiver listen`, pc.ram byte-exact against the stopped
-// source; and a COLO primary with multifd 4 + zstd for >= 20 checkpoints under upload load.
+// source; and a COLO primary with multifd 4 + zstd, and + zlib, for >= 20 checkpoints under
+// upload load.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, readFile, stat } from 'node:fs/promises';
@@ -72,4 +73,5 @@ describe('real QEMU 7.2 multifd compression into colo-receiver', { skip, timeout
   test('precopy, multifd 4 channels, zlib: pc.ram equals the source byte for byte', { timeout: 150_000 }, (t) => precopy(t, 'zlib'));
   test('precopy, multifd 4 channels, zstd: pc.ram equals the source byte for byte', { timeout: 150_000 }, (t) => precopy(t, 'zstd'));
   test('COLO, multifd 4 channels, zstd: >= 20 checkpoints under upload load', { timeout: 180_000 }, (t) => colo(t, 'zstd'));
+  test('COLO, multifd 4 channels, zlib: >= 20 checkpoints under upload load', { timeout: 180_000 }, (t) => colo(t, 'zlib'));
 });
