@@ -2,7 +2,7 @@
 // CLI, not an in-process receiver that would share its event loop with the harness).
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { cpSync, createWriteStream, type WriteStream } from 'node:fs';
+import { copyFileSync, cpSync, createWriteStream, existsSync, symlinkSync, type WriteStream } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -66,11 +66,15 @@ export class ReceiverChild {
 
 /**
  * Copies the compiled receiver (dist/src, dist/workers) into `dir` and returns its CLI path, so
- * that every cell of a run uses the same build even if the tree is rebuilt meanwhile. `dir`
- * must be inside the project (node_modules is found by walking up).
+ * that every cell of a run uses the same build even if the tree is rebuilt meanwhile.
  */
 export function snapshotReceiver(dir: string): string {
   const dist = fileURLToPath(new URL('../../', import.meta.url));
   for (const sub of ['src', 'workers']) cpSync(join(dist, sub), join(dir, 'dist', sub), { recursive: true });
+  // The copy resolves its packages (pino, piscina, zstd-napi) from the project's node_modules
+  // and "type": "module" from a package.json, even when --out points outside the project.
+  const root = join(dist, '..');
+  if (!existsSync(join(dir, 'node_modules'))) symlinkSync(join(root, 'node_modules'), join(dir, 'node_modules'), 'dir');
+  if (!existsSync(join(dir, 'package.json'))) copyFileSync(join(root, 'package.json'), join(dir, 'package.json'));
   return join(dir, 'dist', 'src', 'cli', 'main.js');
 }
