@@ -11,10 +11,11 @@ import { PagePool } from '../../src/pool/page-pool.js';
 import { buildCorpus, campaign, KNOWN_ISSUES, type Seed } from '../helpers/fuzz.js';
 
 const CASES = Number(process.env.FUZZ_CASES ?? 3000);
-const SECONDS = Number(process.env.FUZZ_SECONDS ?? 45);
+// The time bound only guards a stall: a shared 2-core CI host runs ~20 cases/s, a quiet one ~70.
+const SECONDS = Number(process.env.FUZZ_SECONDS ?? 170);
 const SEED = Number(process.env.FUZZ_SEED ?? 20240601);
 
-describe('mutation fuzzing of whole migrations', { timeout: 180_000 }, () => {
+describe('mutation fuzzing of whole migrations', { timeout: 300_000 }, () => {
   let pool: PagePool;
   let seeds: Seed[];
   before(async () => {
