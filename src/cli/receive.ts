@@ -66,9 +66,9 @@ export async function receive(opts: ReceiveOptions): Promise<ReceiveResult> {
     opts.onListening?.(port);
     if (opts.progress) {
       timer = setInterval(() => {
-        const s = mig.summary();
-        const mb = (Number(s.bytes) / 1e6).toFixed(1);
-        process.stderr.write(`\r${mig.phase}  ${mb} MB  pages ${String(s.pages)}  checkpoint ${mig.committedCheckpoint}   `);
+        // totals, not summary(): that sorts the checkpoint window's distributions on the main thread
+        const s = mig.totals;
+        process.stderr.write(`\r${mig.phase}  ${(s.bytes / 1e6).toFixed(1)} MB  pages ${s.pages}  checkpoint ${mig.committedCheckpoint}   `);
       }, 500);
       timer.unref();
     }

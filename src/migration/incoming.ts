@@ -77,6 +77,9 @@ const DRAIN_GRACE_MS = 2000;
 // 'colo-check': a checkpoint was received, one I/O turn before the at-rest check and commit.
 type Phase = 'savevm' | 'vmdesc' | 'settling' | 'draining' | 'colo-idle' | 'colo-send' | 'colo-size' | 'colo-blob' | 'colo-check' | 'committing' | 'done';
 
+/** Phases in which the main channel's silence is not the peer's fault: we are committing or waiting. */
+const MAIN_WAITS_ON_US: ReadonlySet<Phase> = new Set<Phase>(['colo-idle', 'done', 'committing', 'colo-check', 'settling', 'draining']);
+
 /** Phases in which a multifd packet with pages or a SYNC may arrive (COLO: after our CHECKPOINT_REPLY). */
 const MULTIFD_OPEN: ReadonlySet<Phase> = new Set<Phase>(['savevm', 'colo-send']);
 
@@ -247,8 +250,7 @@ export class IncomingMigration extends EventEmitter {
       // Silence is the peer's fault only while we wait for its bytes: not between checkpoints
       // (the heartbeat covers that), not while we hold the main channel at a barrier (the
       // barrier has its own timer) or commit.
-      const waitingOnUs = this.#phase === 'colo-idle' || this.#phase === 'done' || this.#phase === 'committing' || this.#phase === 'colo-check'
-        || this.#phase === 'settling' || this.#phase === 'draining' || this.#vm.held !== null;
+      const waitingOnUs = MAIN_WAITS_ON_US.has(this.#phase) || this.#vm.held !== null;
       // A socket's idle timer is re-armed only by its own activity: after an ignored timeout
       // with no bytes since, a later stall would never be reported. Re-arm it here.
       if (waitingOnUs) { sock.setTimeout?.(ms); return; }
@@ -415,6 +417,7 @@ export class IncomingMigration extends EventEmitter {
           // The blob is one FULL section per device then QEMU_VM_EOF (spec §5.5).
           if (blob[blob.length - 1] !== QEMU_VM_EOF) throw wireError('ERR_COLO_PROTOCOL', 'main: device-state blob does not end with QEMU_VM_EOF', 'main', q.consumed - 1);
           const cur = this.#cur!;
+          // checked now, before VMSTATE_RECEIVED goes out, and once more after an I/O turn
           this.#checkChannelsAtRest(`checkpoint ${cur.index}`);
           cur.tBlob = performance.now();
           cur.blobBytes = blob.length;
@@ -449,7 +452,6 @@ export class IncomingMigration extends EventEmitter {
     throw wireError('ERR_COLO_PROTOCOL', `main: received ${name}, expected ${COLO_MESSAGE_NAMES[want]}`, 'main', at);
   }
 
-  /** End of the initial migration: all pages are in (the last barrier covered multifd). */
   /**
    * At the end of the RAM part every channel must sit just after the SYNC of the last barrier.
    * A channel parked at another SYNC, or with pages dispatched since, sent more syncs than the
@@ -475,6 +477,7 @@ export class IncomingMigration extends EventEmitter {
     return 'wait';
   }
 
+  /** End of the initial migration: all pages are in (the last barrier covered multifd). */
   #finishInitial(): void {
     this.#checkChannelsAtRest('the initial migration');
     this.#initialDone = true;
@@ -482,8 +485,8 @@ export class IncomingMigration extends EventEmitter {
     this.#deviceSections = [];
     this.#committed = 0;
     const dt = performance.now() - this.#startedAt;
-    const bytes = this.#ram.bytes + this.channels.reduce((s, c) => s + c.bytes, 0);
-    this.log.info({ bytes, pages: this.#ram.pages + this.channels.reduce((s, c) => s + c.pages, 0), ms: Math.round(dt) }, 'initial migration received');
+    const { bytes, pages } = this.totals;
+    this.log.info({ bytes, pages, ms: Math.round(dt) }, 'initial migration received');
     if (this.#colo) {
       // COLO state: from now on pages land in the cache only, with dirty bits (spec §5.6 rule 3).
       this.#inColoState = true;
@@ -848,10 +851,17 @@ export class IncomingMigration extends EventEmitter {
   }
 
   /** Totals for --stats-json. */
+  /** Page bytes, pages and zero pages received so far over every channel: cheap, for progress lines. */
+  get totals(): { bytes: number; pages: number; zeroPages: number } {
+    let bytes = this.#ram.bytes, pages = this.#ram.pages, zeroPages = this.#ram.zeroPages;
+    for (const c of this.channels) { bytes += c.bytes; pages += c.pages; zeroPages += c.zeroPages; }
+    return { bytes, pages, zeroPages };
+  }
+
   summary(): Record<string, unknown> {
     const chans = this.#sortedChannels();
     const mainBytes = this.#ram.bytes;
-    const bytes = mainBytes + chans.reduce((s, c) => s + c.bytes, 0);
+    const { bytes, pages, zeroPages } = this.totals;
     const secs = this.durationMs / 1000;
     return {
       outcome: this.#outcome?.kind ?? 'running',
@@ -863,8 +873,8 @@ export class IncomingMigration extends EventEmitter {
       durationMs: Math.round(this.durationMs * 1000) / 1000,
       bytes,
       gbPerSec: secs > 0 ? bytes / secs / 1e9 : 0,
-      pages: this.#ram.pages + chans.reduce((s, c) => s + c.pages, 0),
-      zeroPages: this.#ram.zeroPages + chans.reduce((s, c) => s + c.zeroPages, 0),
+      pages,
+      zeroPages,
       channels: [
         { channel: 'main', bytes: mainBytes, pages: this.#ram.pages, zeroPages: this.#ram.zeroPages },
         ...chans.map((c) => ({ channel: c.name, bytes: c.bytes, pages: c.pages, zeroPages: c.zeroPages, packets: c.packets, syncs: c.syncs })),

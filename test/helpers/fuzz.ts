@@ -1314,11 +1314,8 @@ export const KNOWN_ISSUES = {
   overload: 'not a receiver issue: ERR_TIMEOUT while the shared event loop lagged by half a timeout or more (the host is overloaded)',
 } as const;
 
-// No open receiver issue is known: the last one ('syncAhead', a channel a barrier ahead after an
-// extra SYNC) is fixed by the packet_num round checks in IncomingMigration (#checkRound).
-function knownIssue(_c: FuzzCase, _r: ReplayResult, _err: MigrationError | undefined, _detail: string): Exclude<keyof typeof KNOWN_ISSUES, 'overload'> | undefined {
-  return undefined;
-}
+// No open receiver issue is classified here: the last one ('syncAhead', a channel a barrier
+// ahead after an extra SYNC) is fixed by the packet_num round checks in IncomingMigration.
 
 function chunker(c: FuzzCase): (left: number) => number {
   const r = new Prng(c.rngSeed ^ 0x5bd1e995);
@@ -1352,9 +1349,8 @@ export async function runCase(c: FuzzCase, pool: PagePool, opts: Partial<typeof 
   const maxLag = lag.maxSince(t0);
   const base = { id: c.id, seed: seed.name, muts: c.muts.map((m) => m.name), committed: r.committed, ms: r.ms, rngSeed: c.rngSeed };
   if (r.hang) {
-    const known = knownIssue(c, r, undefined, '');
     const detail = `phase ${r.mig.phase}, committed ${r.committed}, max loop lag ${maxLag.toFixed(0)} ms, socket timeouts ${r.atEnd.map((a) => `${a.role}:${a.timeouts}`).join(' ')}`;
-    return { ...base, verdict: known ? 'known' : 'hang', outcome: 'hang', code: null, detail, ...(known ? { known } : {}) };
+    return { ...base, verdict: 'hang', outcome: 'hang', code: null, detail };
   }
   if (r.noMigration) return { ...base, verdict: 'ok', outcome: 'no-migration', code: null };
   const o = r.outcome!;
@@ -1364,8 +1360,7 @@ export async function runCase(c: FuzzCase, pool: PagePool, opts: Partial<typeof 
   const where = err ? `${err.channel ?? '(none)'}@${err.streamOffset ?? '(none)'}` : undefined;
   const unplaced = err !== undefined && (err.channel === undefined || err.streamOffset === undefined);
   const bad = (verdict: Verdict, detail: string): CaseReport => {
-    const known = verdict !== 'violation' ? undefined
-      : err?.code === 'ERR_TIMEOUT' && maxLag >= Math.min(io, hb) / 2 ? 'overload' : knownIssue(c, r, err, detail);
+    const known = verdict === 'violation' && err?.code === 'ERR_TIMEOUT' && maxLag >= Math.min(io, hb) / 2 ? 'overload' : undefined;
     return { ...base, verdict: known ? 'known' : verdict, outcome, code, ...(where ? { where, unplaced } : {}), detail, ...(known ? { known } : {}) };
   };
 
