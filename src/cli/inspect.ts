@@ -19,13 +19,11 @@ const SECTION_TYPES: Record<number, string> = { [QEMU_VM_SECTION_START]: 'START'
 const COMMANDS: Record<number, string> = { [MIG_CMD_OPEN_RETURN_PATH]: 'OPEN_RETURN_PATH', [MIG_CMD_PING]: 'PING', [MIG_CMD_ENABLE_COLO]: 'ENABLE_COLO', [MIG_CMD_SWITCHOVER_START]: 'SWITCHOVER_START' };
 
 /**
- * A block that validates offsets like a real one but writes every page into one 4 KiB
- * scratch: inspecting a capture must not allocate the guest's RAM.
+ * A block that validates offsets like a real one and has no memory: the main channel's
+ * parser runs with `discardPages`, multifd pages are only counted.
  */
 function dryBlock(index: number, idstr: string, usedLength: number): RAMBlock {
-  const scratch = new Uint8Array(4096);
-  const mem = { views: [scratch], locate: (): [Uint8Array, number] => [scratch, 0], page: () => scratch };
-  return { index, idstr, usedLength, pages: usedLength / 4096, guest: mem, cache: null, dirty: null, memory: () => ({ guest: [], cache: null, dirty: null }) } as unknown as RAMBlock;
+  return { index, idstr, usedLength, pages: usedLength / 4096, guest: null, cache: null, dirty: null, memory: () => ({ guest: [], cache: null, dirty: null }) } as unknown as RAMBlock;
 }
 
 function out(line: string): void { process.stdout.write(line + '\n'); }
@@ -45,6 +43,7 @@ function inspectMain(name: string, data: Buffer, blocks: Map<string, RAMBlock>):
     },
     findBlock: (idstr) => blocks.get(idstr),
     writeMode: () => WRITE_GUEST,
+    discardPages: true,
   };
   const ram = new RamSectionParser(ramSink, DEFAULT_LIMITS);
   let flushes = 0, sectionAt = 0;

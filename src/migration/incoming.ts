@@ -754,6 +754,8 @@ export class IncomingMigration extends EventEmitter {
    */
   #roundSpread(): MigrationError | null {
     const c = this.channels.length;
+    // A count learned as 0 (a migration without multifd): no round to check.
+    if (c === 0) return null;
     let first = this.channels[0]!;
     for (const ch of this.channels) if (ch.syncNum < first.syncNum) first = ch;
     if (this.#roundMax <= first.syncNum + 2 * c - 1) return null;

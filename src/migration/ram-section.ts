@@ -17,6 +17,11 @@ export interface RamSink {
   findBlock(idstr: string): RAMBlock | undefined;
   /** WRITE_GUEST / WRITE_BOTH / WRITE_CACHE, spec §5.6. */
   writeMode(): WriteMode;
+  /**
+   * Decode only (`inspect`): offsets are checked against the block, page bytes are skipped.
+   * A decoder must not allocate the guest's RAM to read a capture.
+   */
+  readonly discardPages?: boolean;
 }
 
 const RamState = { Record: 0, IdstrLen: 1, Idstr: 2, Page: 3, ZeroFill: 4, MemSizeName: 5, MemSizeLen: 6 } as const;
@@ -103,7 +108,8 @@ export class RamSectionParser {
         case RamState.Page: {
           const n = Math.min(this.#pageLeft, q.length);
           if (n === 0) return 'blocked';
-          q.copyInto(this.#target!, this.#targetAt + TARGET_PAGE_SIZE - this.#pageLeft, n);
+          if (this.#target) q.copyInto(this.#target, this.#targetAt + TARGET_PAGE_SIZE - this.#pageLeft, n);
+          else q.skip(n);
           if ((this.#pageLeft -= n) > 0) return 'blocked';
           this.#finishPage(false);
           break;
@@ -175,11 +181,15 @@ export class RamSectionParser {
       throw wireError('ERR_RANGE', `ram: illegal RAM offset 0x${this.#addr.toString(16)} in block "${block.idstr}" of 0x${block.usedLength.toString(16)} bytes`, this.channel, at);
     }
     this.#mode = this.sink.writeMode();
-    const page = this.#addr / TARGET_PAGE_SIZE;
-    const mem = this.#mode === WRITE_GUEST ? block.guest : block.cache!;
-    // Inline WindowedMemory.locate(): no tuple per page.
-    this.#target = mem.views[page >>> PAGES_PER_WINDOW_BITS]!;
-    this.#targetAt = (page & PAGE_IN_WINDOW_MASK) * TARGET_PAGE_SIZE;
+    if (this.sink.discardPages) {
+      this.#target = null;
+    } else {
+      const page = this.#addr / TARGET_PAGE_SIZE;
+      const mem = this.#mode === WRITE_GUEST ? block.guest : block.cache!;
+      // Inline WindowedMemory.locate(): no tuple per page.
+      this.#target = mem.views[page >>> PAGES_PER_WINDOW_BITS]!;
+      this.#targetAt = (page & PAGE_IN_WINDOW_MASK) * TARGET_PAGE_SIZE;
+    }
     if ((this.#flags & ~RAM_SAVE_FLAG_CONTINUE) === RAM_SAVE_FLAG_ZERO) {
       this.#state = RamState.ZeroFill;
     } else {
@@ -189,6 +199,7 @@ export class RamSectionParser {
   }
 
   #fillPage(fill: number): void {
+    if (!this.#target) return;
     // TypedArray#fill on shared memory stores byte by byte (measured 16 µs a page); copying a
     // plain zero page goes word by word.
     if (fill === 0) this.#target!.set(ZERO_PAGE, this.#targetAt);
@@ -198,7 +209,9 @@ export class RamSectionParser {
   #finishPage(zero: boolean): void {
     const block = this.#block!;
     const page = this.#addr / TARGET_PAGE_SIZE;
-    if (this.#mode === WRITE_BOTH) {
+    if (!this.#target) {
+      // discardPages: nothing was written
+    } else if (this.#mode === WRITE_BOTH) {
       // Precopy with COLO enabled: the page went to the cache; mirror it to guest memory
       // (ram_load's host_bak copy; multifd_colo_process_recv for multifd pages).
       const [gv, gat] = block.guest.locate(page);

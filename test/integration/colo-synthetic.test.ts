@@ -16,6 +16,13 @@ describe('COLO checkpoints from the synthetic primary', () => {
       await coloRoundTrip({ multifdChannels: c.channels }, { layout: c.layout, channels: c.channels, checkpoints: 8, workload: c.workload, seed: 11, memory: { ramMiB: 64 } });
     });
   }
+  // The CLI's default: no channel count given, learned at the first barrier.
+  for (const c of [{ layout: '7.2', channels: 0 }, { layout: '10.x', channels: 2 }] as const) {
+    test(`${c.layout}, ${c.channels} channel(s) learned: every committed checkpoint equals the primary`, async () => {
+      const mig = await coloRoundTrip({}, { layout: c.layout, channels: c.channels, checkpoints: 4, workload: 'load', seed: 13, memory: { ramMiB: 32 } });
+      assert.equal(mig.channels.length, c.channels);
+    });
+  }
 });
 
 describe('heartbeat timeout: auto', () => {

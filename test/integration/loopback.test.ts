@@ -21,3 +21,15 @@ describe('precopy over loopback', () => {
     });
   }
 });
+
+// The CLI's default path: no --multifd-channels, the receiver learns the count at the first
+// barrier (a 1.5 s quiet window). 0 channels crashed the barrier's round check.
+describe('precopy over loopback, channel count learned', () => {
+  for (const c of [{ layout: '7.2', channels: 0 }, { layout: '7.2', channels: 4 }, { layout: '10.x', channels: 0 }, { layout: '10.x', channels: 4 }] as const) {
+    test(`${c.layout} layout, ${c.channels} channel(s), no count given: byte-exact, count learned`, async () => {
+      const { mig } = await precopyRoundTrip({},
+        { layout: c.layout, channels: c.channels, iterations: 2, seed: 31 + c.channels, memory: { ramMiB: 16 } });
+      assert.equal(mig.channels.length, c.channels);
+    });
+  }
+});
