@@ -18,7 +18,8 @@ Usage:
 listen options:
   --host ADDR               address to listen on (default 127.0.0.1)
   --port N                  TCP port (default 4444; 0 = any)
-  --multifd-channels N      multifd-channels of the source (default: learned at the first sync)
+  --multifd-channels N      multifd-channels of the source (default: learned at the first
+                            barrier, after 1.5 s without a new connection; 0 works too)
   --compression M           none | zlib | zstd (multifd-compression of the source; default none)
   --colo                    COLO secondary even if ENABLE_COLO never arrives
   --no-vmdesc               do not expect VMDESCRIPTION after the initial EOF
@@ -30,7 +31,11 @@ listen options:
   --checkpoints-csv FILE    one CSV row per committed checkpoint
   --expect-uuid UUID        refuse multifd channels from a VM with another -uuid
   --allow HOST[,HOST]       accept connections only from these peer addresses
-  --io-timeout MS           fail when a peer stalls mid-record for MS (default 10000)
+  --io-timeout MS           fail when a peer stalls mid-record for MS; a connection that has
+                            not identified itself (file header or MultiFDInit) within MS is
+                            dropped and logged, the listener keeps waiting (default 10000)
+  --max-unidentified N      connections still identifying themselves at once; more are
+                            refused at accept (default 64)
   --heartbeat-timeout MS|auto
                             COLO: no checkpoint for MS means the primary is gone. auto
                             (default): 30 s until the checkpoint interval is known (QEMU's
@@ -70,6 +75,7 @@ const LISTEN = {
   'expect-uuid': { type: 'string' },
   allow: { type: 'string' },
   'io-timeout': { type: 'string', default: '10000' },
+  'max-unidentified': { type: 'string', default: '64' },
   'heartbeat-timeout': { type: 'string', default: 'auto' },
   'max-ram': { type: 'string' },
   'max-blob': { type: 'string' },
@@ -133,6 +139,7 @@ async function listen(argv: string[]): Promise<number> {
     expectUuid: uuid,
     allow: o.allow ? String(o.allow).split(',').map((s) => s.trim()).filter(Boolean) : [],
     ioTimeoutMs: int(o['io-timeout'], 'io-timeout', 0, 2 ** 31 - 1),
+    maxUnidentified: int(o['max-unidentified'], 'max-unidentified', 1, 65536),
     heartbeatTimeoutMs: heartbeat(o['heartbeat-timeout']),
     limits,
     onFailover: o['on-failover'] !== undefined ? failoverAction(String(o['on-failover'])) : undefined,

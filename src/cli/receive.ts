@@ -6,7 +6,7 @@ import type { Logger } from '../log.js';
 import { CheckpointStats, type CheckpointRecord } from '../migration/checkpoint-stats.js';
 import { IncomingMigration, type IncomingOptions, type Outcome } from '../migration/incoming.js';
 import { dumpFileName, type CommittedImage } from '../migration/committed-image.js';
-import { listenForMigration } from '../net/listener.js';
+import { DEFAULT_IDENTIFY_TIMEOUT_MS, listenForMigration } from '../net/listener.js';
 import { runFailover, type FailoverAction } from '../restore/failover.js';
 import { performance } from 'node:perf_hooks';
 
@@ -18,6 +18,8 @@ export interface ReceiveOptions extends IncomingOptions {
   statsJson?: string | undefined;
   checkpointsCsv?: string | undefined;
   progress?: boolean;
+  /** Connections still identifying themselves at once (--max-unidentified). */
+  maxUnidentified?: number;
   log: Logger;
   /** Called with the bound port once listening (tests and the demo use port 0). */
   onListening?: (port: number) => void;
@@ -59,7 +61,11 @@ export async function receive(opts: ReceiveOptions): Promise<ReceiveResult> {
   let server: Server | null = null;
   let timer: NodeJS.Timeout | null = null;
   try {
-    server = await listenForMigration(mig, { host: opts.host, port: opts.port, allow: opts.allow ?? [], log });
+    server = await listenForMigration(mig, {
+      host: opts.host, port: opts.port, allow: opts.allow ?? [], log,
+      identifyTimeoutMs: opts.ioTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS,
+      ...(opts.maxUnidentified !== undefined ? { maxUnidentified: opts.maxUnidentified } : {}),
+    });
     const addr = server.address();
     const port = typeof addr === 'object' && addr ? addr.port : opts.port;
     log.info({ host: opts.host, port }, 'waiting for an incoming migration');

@@ -1,62 +1,106 @@
 import { createServer, type Server, type Socket } from 'node:net';
-import { MigrationError, hex } from '../errors.js';
+import { hex } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { IncomingMigration } from '../migration/incoming.js';
-import { MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC } from '../wire/constants.js';
+import { MULTIFD_INIT_LEN, MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION } from '../wire/constants.js';
 
 export interface ListenOptions {
   host?: string;
   port?: number;
   /** Peer addresses allowed to connect; empty: anyone who can reach host:port. */
   allow?: string[];
+  /** A connection must identify itself (a complete file header or MultiFDInit) within this many ms. */
+  identifyTimeoutMs?: number;
+  /** Connections still identifying themselves at once; more are refused at accept. */
+  maxUnidentified?: number;
   log: Logger;
 }
 
+export const DEFAULT_IDENTIFY_TIMEOUT_MS = 10_000;
+export const DEFAULT_MAX_UNIDENTIFIED = 64;
+
+/** Bytes a channel must have sent before it is handed to the migration. */
+const MAIN_HEADER_LEN = 8;   // QEMU_VM_FILE_MAGIC + QEMU_VM_FILE_VERSION
+
 /**
- * Accepts connections for one incoming migration and classifies each by its first 4 bytes
- * (spec §1.2: "QEVM" is the main channel, 0x11223344 a multifd channel), never by accept
- * order: multifd data can arrive before the main channel's first byte (spec §1.1).
+ * Accepts connections for one incoming migration and classifies each by what it sent first
+ * (spec §1.2: "QEVM" + version 3 is the main channel, a complete MultiFDInit a multifd
+ * channel), never by accept order: multifd data can arrive before the main channel's first
+ * byte (spec §1.1).
+ *
+ * Until a connection has identified itself it belongs to nobody: silence, a partial header
+ * or garbage only costs that connection (dropped, logged), never the migration. Otherwise one
+ * idle TCP connection would hold the listener, or be taken for the main channel and lock the
+ * real primary out.
  */
 export async function listenForMigration(mig: IncomingMigration, opts: ListenOptions): Promise<Server> {
   const allow = new Set((opts.allow ?? []).flatMap((a) => [a, `::ffff:${a}`]));
+  const identifyMs = opts.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS;
+  const maxPending = opts.maxUnidentified ?? DEFAULT_MAX_UNIDENTIFIED;
+  const pending = new Set<Socket>();
   const server = createServer({ noDelay: true }, (sock: Socket) => {
     const peer = `${sock.remoteAddress}:${sock.remotePort}`;
     if (allow.size > 0 && !allow.has(sock.remoteAddress ?? '')) {
-      opts.log.warn({ peer }, 'connection refused: peer not in --allow');
+      opts.log.warn({ peer, reason: 'not-allowed' }, 'connection refused: peer not in --allow');
       sock.destroy();
       return;
     }
+    if (pending.size >= maxPending) {
+      opts.log.warn({ peer, reason: 'too-many-unidentified', pending: pending.size }, `connection refused: ${pending.size} connections have not identified themselves yet`);
+      sock.destroy();
+      return;
+    }
+    pending.add(sock);
     let got: Buffer[] = [];
     let n = 0;
+    const drop = (reason: string, msg: string, level: 'warn' | 'error' = 'warn') => {
+      finish();
+      opts.log[level]({ peer, reason, bytes: n }, `connection dropped: ${msg}`);
+      sock.destroy();
+    };
+    const timer = identifyMs > 0 ? setTimeout(() => drop('identify-timeout', `not identified within ${identifyMs} ms`), identifyMs) : null;
+    timer?.unref();
+    const finish = () => {
+      if (timer) clearTimeout(timer);
+      pending.delete(sock);
+      sock.off('data', onData);
+      sock.off('end', onEarlyEnd);
+    };
     const onData = (c: Buffer) => {
       got.push(c);
       n += c.length;
       if (n < 4) return;
-      sock.off('data', onData);
-      sock.off('end', onEarlyEnd);
-      sock.pause();
-      const first = Buffer.concat(got);
-      got = [];
-      const magic = first.readUInt32BE(0);
-      let accepted: boolean;
-      if (magic === QEMU_VM_FILE_MAGIC) accepted = mig.attachMain(sock, first);
-      else if (magic === MULTIFD_MAGIC) accepted = mig.attachMultifd(sock, first);
-      else {
-        opts.log.error({ peer }, `connection with unknown channel magic 0x${hex(magic)}`);
-        sock.destroy();
-        mig.badConnection(new MigrationError('ERR_BAD_MAGIC', `unknown channel magic 0x${hex(magic)} from ${peer}`, `unclassified ${peer}`, 0));
+      const head = got.length === 1 ? got[0]! : Buffer.concat(got);
+      got = [head];
+      const magic = head.readUInt32BE(0);
+      let kind: 'main' | 'multifd';
+      if (magic === QEMU_VM_FILE_MAGIC) {
+        if (n < MAIN_HEADER_LEN) return;
+        const version = head.readUInt32BE(4);
+        if (version !== QEMU_VM_FILE_VERSION) { drop('bad-version', `migration stream version ${version}, expected ${QEMU_VM_FILE_VERSION}`, 'error'); return; }
+        kind = 'main';
+      } else if (magic === MULTIFD_MAGIC) {
+        if (n < MULTIFD_INIT_LEN) return;
+        kind = 'multifd';
+      } else {
+        drop('bad-magic', `unknown channel magic 0x${hex(magic)}`, 'error');
         return;
       }
+      finish();
+      sock.pause();
+      got = [];
+      // The channel parses (and checks) the header bytes itself.
+      const accepted = kind === 'main' ? mig.attachMain(sock, head) : mig.attachMultifd(sock, head);
       if (!accepted) {
-        opts.log.warn({ peer }, 'connection refused: a migration is already active or all channels are connected');
+        opts.log.warn({ peer, reason: 'migration-active' }, 'connection refused: a migration is already active or all channels are connected');
         sock.destroy();
       }
       // An accepted socket is resumed by its channel, which knows whether it may take bytes.
     };
-    const onEarlyEnd = () => { sock.destroy(); };
+    const onEarlyEnd = () => drop('closed', 'closed before identifying itself');
     sock.on('data', onData);
     sock.on('end', onEarlyEnd);
-    sock.on('error', () => sock.destroy());
+    sock.on('error', () => { if (pending.has(sock)) finish(); sock.destroy(); });
   });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);

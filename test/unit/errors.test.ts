@@ -118,9 +118,11 @@ function be32(n: number): Buffer { const b = Buffer.alloc(4); b.writeUInt32BE(n,
 // ---------------------------------------------------------------- the table
 
 const ROWS: Record<WireCode, Row> = {
+  // A connection with an unknown magic is dropped by the listener without failing anything
+  // (test/unit/listener.test.ts); inside an identified channel a bad magic is an error.
   ERR_BAD_MAGIC: {
-    channel: 'main',
-    run: () => mainError(Buffer.from('QEVX\0\0\0\x03', 'latin1')),
+    channel: 'multifd/1',
+    run: () => { const p = packet({}); p.writeUInt32BE(0x11223345, 0); return multifdError(Buffer.concat([encodeMultiFDInit({ id: 1 }), p])); },
   },
   ERR_BAD_VERSION: {
     channel: 'multifd/?',
