@@ -676,6 +676,9 @@ export class IncomingMigration extends EventEmitter {
       let timer: NodeJS.Timeout | null = null;
       const arm = () => {
         timer = setTimeout(() => {
+          // Learning the channel count waits for a quiet window first: a barrier with no
+          // channel at all makes no progress by design until that window has passed.
+          if (this.#expected === undefined && performance.now() - Math.max(this.#lastAccept, this.#firstBarrierAt) < AUTO_QUIET_MS + io) { arm(); return; }
           const now = progress();
           if (now !== seen) { seen = now; arm(); return; }
           const missing = this.channels.filter((c) => !c.synced).map((c) => c.name);

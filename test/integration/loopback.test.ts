@@ -33,3 +33,11 @@ describe('precopy over loopback, channel count learned', () => {
     });
   }
 });
+
+// The learning window (1.5 s) is longer than a short --io-timeout: the barrier's silence timer
+// must not fire while the count is still being learned (a real QEMU plain precopy into
+// `listen --io-timeout 1500` failed so).
+test('7.2 layout, 0 channels learned with an io timeout shorter than the learning window', async () => {
+  const { mig } = await precopyRoundTrip({ ioTimeoutMs: 300 }, { layout: '7.2', channels: 0, iterations: 2, seed: 41, memory: { ramMiB: 8 } });
+  assert.equal(mig.channels.length, 0);
+});
