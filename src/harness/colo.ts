@@ -299,6 +299,8 @@ export interface ColoPrimaryOptions {
   bootTimeoutMs?: number;          // default 120 s
   role?: string;                   // default 'primary'
   extraArgs?: string[];
+  /** QEMU binary (default qemuBinary(); see qemuBinaryFor). */
+  binary?: string;
 }
 
 export class ColoPrimary {
@@ -420,6 +422,7 @@ export async function startColoPrimary(o: ColoPrimaryOptions): Promise<ColoPrima
     msgTimestamp: true,
     env,
     extra: o.extraArgs ?? [],
+    ...(o.binary ? { binary: o.binary } : {}),
   });
   const p = new ColoPrimary(proc, o, uploadPort, shellPort);
   try {
@@ -456,6 +459,13 @@ export interface QemuSecondaryOptions {
   append?: string;
   role?: string;                   // default 'secondary'
   extraArgs?: string[];
+  /** QEMU binary (default qemuBinary(); see qemuBinaryFor). */
+  binary?: string;
+  /**
+   * Set the x-colo capability before migrate-incoming (10.x refuses ENABLE_COLO without it;
+   * 7.2 does not need it).
+   */
+  xColo?: boolean;
 }
 
 export class QemuSecondary {
@@ -516,10 +526,14 @@ export async function startQemuSecondary(o: QemuSecondaryOptions): Promise<QemuS
     msgTimestamp: true,
     env,
     extra: o.extraArgs ?? [],
+    ...(o.binary ? { binary: o.binary } : {}),
   });
   const s = new QemuSecondary(proc, port, o);
   try {
     const q = await s.qmp();
+    if (o.xColo) {
+      await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-colo', state: true }] });
+    }
     if (o.multifd) {
       await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }] });
       await q.execute('migrate-set-parameters', {

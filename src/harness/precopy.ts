@@ -117,6 +117,8 @@ export interface PrecopySourceOptions {
   maxBandwidth?: number | 'unlimited' | 'qemu-default';
   extraArgs?: string[];
   env?: Record<string, string | undefined>;
+  /** QEMU binary (default qemuBinary(); see qemuBinaryFor). */
+  binary?: string;
 }
 
 /** max-bandwidth used for 'unlimited' (bytes/s). */
@@ -166,6 +168,7 @@ export async function startPrecopySource(o: PrecopySourceOptions): Promise<Preco
     extra: o.extraArgs ?? [],
     serial: false,
     env: o.env ?? {},
+    ...(o.binary ? { binary: o.binary } : {}),
   });
   const src = new PrecopySource(proc, o);
   try {
@@ -185,6 +188,8 @@ export interface PrecopyDestinationOptions {
   port?: number;                   // default: a free port
   role?: string;                   // default 'destination'
   extraArgs?: string[];
+  /** QEMU binary (default qemuBinary(); see qemuBinaryFor). */
+  binary?: string;
 }
 
 export class PrecopyDestination extends QmpVm {
@@ -211,6 +216,7 @@ export async function startPrecopyDestination(o: PrecopyDestinationOptions): Pro
     incoming: 'defer',
     extra: o.extraArgs ?? [],
     serial: false,
+    ...(o.binary ? { binary: o.binary } : {}),
   });
   const dst = new PrecopyDestination(proc, port);
   try {

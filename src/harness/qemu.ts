@@ -6,11 +6,69 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
 import { QmpClient } from './qmp.js';
 
 /** The QEMU binary: $QEMU or qemu-system-x86_64 from PATH. */
 export function qemuBinary(): string {
   return process.env['QEMU'] || 'qemu-system-x86_64';
+}
+
+/**
+ * The QEMUs the suites run against:
+ * - '7.2': Debian's system QEMU ($QEMU overrides it, as for qemuBinary());
+ * - '10.0': stock 10.0.2 from bookworm-backports, unpacked by scripts/install-qemu10.sh
+ *   ($QEMU10 overrides; default <project>/.build/qemu-10.0.2/qemu-system-x86_64);
+ * - '10.0-colo': 10.0.2 built with native/qemu-10.0.2-colo.patch by
+ *   scripts/build-qemu10-colo.sh ($QEMU10_COLO overrides; default
+ *   <project>/.build/qemu-10.0.2-colo/qemu-system-x86_64).
+ */
+export type QemuFlavour = '7.2' | '10.0' | '10.0-colo';
+export const QEMU_FLAVOURS: readonly QemuFlavour[] = ['7.2', '10.0', '10.0-colo'];
+
+const FLAVOUR_DEFAULTS: Record<Exclude<QemuFlavour, '7.2'>, { env: string; dir: string; script: string }> = {
+  '10.0': { env: 'QEMU10', dir: '.build/qemu-10.0.2', script: 'scripts/install-qemu10.sh' },
+  '10.0-colo': { env: 'QEMU10_COLO', dir: '.build/qemu-10.0.2-colo', script: 'scripts/build-qemu10-colo.sh' },
+};
+
+/** The binary for a QEMU flavour (see QemuFlavour), or a path given as is. */
+export function qemuBinaryFor(flavour: QemuFlavour | string): string {
+  if (flavour === '7.2') return qemuBinary();
+  const d = FLAVOUR_DEFAULTS[flavour as keyof typeof FLAVOUR_DEFAULTS];
+  if (!d) return flavour;
+  return process.env[d.env] || path.join(harnessProjectRoot(), d.dir, 'qemu-system-x86_64');
+}
+
+/**
+ * false when the flavour's binary runs and has the expected version; otherwise a skip reason
+ * naming the command that installs it.
+ */
+export function qemuMissing(flavour: QemuFlavour): string | false {
+  const bin = qemuBinaryFor(flavour);
+  const nums = qemuVersionNumbers(bin);
+  if (flavour === '7.2') {
+    return nums ? false : 'qemu-system-x86_64 not installed (apt-get install qemu-system-x86)';
+  }
+  const d = FLAVOUR_DEFAULTS[flavour];
+  if (!nums) return `QEMU ${flavour} not found at ${bin} (${d.script} not run)`;
+  if (nums[0] !== 10 || nums[1] !== 0) return `${bin} is QEMU ${nums.join('.')}, not 10.0 (${d.script})`;
+  return false;
+}
+
+/** The project root (directory of colo-receiver's package.json), found upwards from this file. */
+function harnessProjectRoot(): string {
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    const pj = path.join(dir, 'package.json');
+    if (fs.existsSync(pj)) {
+      try {
+        if ((JSON.parse(fs.readFileSync(pj, 'utf8')) as { name?: string }).name === 'colo-receiver') return dir;
+      } catch { /* keep looking */ }
+    }
+    const up = path.dirname(dir);
+    if (up === dir) return process.cwd();
+    dir = up;
+  }
 }
 
 const versionCache = new Map<string, string | null>();
