@@ -1,7 +1,11 @@
 #!/usr/bin/env node
-// Failover trials with real QEMU 7.2 (not part of `npm test`; run `npm run build` first):
+// Failover trials with real QEMU 7.2 or 10.0.2 (not part of `npm test`; run `npm run build` first):
 //
-//   node scripts/failover-trials.mjs [--trials N] [--seed S] [--channels C] [--keep]
+//   node scripts/failover-trials.mjs [--trials N] [--seed S] [--channels C] [--qemu 7.2|10.0|PATH] [--keep]
+//
+// --qemu picks the QEMU of the primary and of the destination: 7.2 (default: the system's or
+// $QEMU), 10.0 (QEMU 10.0.2 built with COLO working by scripts/build-qemu10-colo.sh; stock
+// 10.0 cannot run COLO), or a binary path.
 //
 // Each trial is a fresh COLO pair: a primary (multifd C channels, default 4; 600 ms
 // checkpoints; upload workload of 3 MiB files with known sha256) checkpoints into
@@ -26,23 +30,27 @@ if (!existsSync(fileURLToPath(helper))) {
   process.exit(2);
 }
 const { runFailoverTrial, describeTrial, KILL_MOMENTS } = await import(helper.href);
-const { ensureGuest, haveQemu } = await import(new URL('../dist/src/harness/index.js', import.meta.url).href);
+const { ensureGuest, haveQemu, qemuBinaryFor, qemuMissing, qemuVersion } = await import(new URL('../dist/src/harness/index.js', import.meta.url).href);
 
 const { values: o } = parseArgs({
   options: {
     trials: { type: 'string', default: '10' },
     seed: { type: 'string' },
     channels: { type: 'string', default: '4' },
+    qemu: { type: 'string', default: '7.2' },
     keep: { type: 'boolean', default: false },
     help: { type: 'boolean', short: 'h', default: false },
   },
 });
 if (o.help) {
-  console.log('usage: node scripts/failover-trials.mjs [--trials N] [--seed S] [--channels C] [--keep]');
+  console.log('usage: node scripts/failover-trials.mjs [--trials N] [--seed S] [--channels C] [--qemu 7.2|10.0|PATH] [--keep]');
   process.exit(0);
 }
-if (!haveQemu()) {
-  console.error('qemu-system-x86_64 not installed (apt-get install qemu-system-x86)');
+// 10.0 means the COLO-capable build: stock 10.0 completes a plain migration instead of COLO
+const flavour = o.qemu === '10.0' || o.qemu === '10.0-colo' ? '10.0-colo' : o.qemu === '7.2' ? '7.2' : null;
+const binary = flavour ? qemuBinaryFor(flavour) : o.qemu;
+if (flavour ? qemuMissing(flavour) : !haveQemu(binary)) {
+  console.error(flavour ? qemuMissing(flavour) : `${binary}: not a runnable QEMU`);
   process.exit(2);
 }
 const trials = Number(o.trials);
@@ -77,7 +85,7 @@ function shortPhase(p) {
     .replace(/ \((RAM part|blob) in flight\)/, '');
 }
 
-console.log(`failover trials: ${trials}, multifd ${channels} channels, seed ${seed}`);
+console.log(`failover trials: ${trials}, multifd ${channels} channels, seed ${seed}, ${qemuVersion(binary)} (${binary})`);
 const guest = await ensureGuest();
 const results = [];
 const t0 = Date.now();
@@ -85,7 +93,7 @@ for (let i = 0; i < trials; i++) {
   const moment = KILL_MOMENTS[i % KILL_MOMENTS.length];
   let r;
   try {
-    r = await runFailoverTrial({ moment, guest, channels, random, keepDir: o.keep });
+    r = await runFailoverTrial({ moment, guest, channels, random, keepDir: o.keep, binary });
   } catch (e) {
     r = { moment, error: e instanceof Error ? e.message : String(e), intact: false, problems: [String(e)] };
   }

@@ -1,4 +1,4 @@
-// One failover trial with real QEMU 7.2: a COLO primary (multifd, TCG, the shim, the test
+// One failover trial with real QEMU (7.2, or o.binary such as the COLO-patched 10.0.2): a COLO primary (multifd, TCG, the shim, the test
 // guest with an upload workload and a serial heartbeat) checkpoints into `colo-receiver
 // listen --on-failover resume=tcp:...`; a fresh `qemu-system-x86_64 -incoming tcp:...` waits.
 // The primary is SIGKILLed at a chosen kind of moment (between checkpoints, during the RAM part
@@ -47,6 +47,8 @@ export interface TrialOptions {
   /** Progress messages. */
   log?: (msg: string) => void;
   guest?: GuestImage;
+  /** QEMU binary for the primary and the destination (default qemuBinary(): 7.2 or $QEMU). */
+  binary?: string;
 }
 
 export interface FileCheck {
@@ -244,6 +246,7 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
       netdevs: [`user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:${destShell}-:5001`],
       devices: ['virtio-net-pci,netdev=n0,romfile='],
       incoming: `tcp:127.0.0.1:${destPort}`,
+      ...(o.binary ? { binary: o.binary } : {}),
     });
     cleanups.push(() => dest.kill());
     const dq = await dest.qmp();
@@ -261,6 +264,7 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
     const primary: ColoPrimary = await startColoPrimary({
       guest, runDir: dir, memMiB: 512, checkpointDelayMs: delayMs, nodelay: true, append: 'colo.keep=0',
       ...(channels ? { multifd: { channels } } : {}),
+      ...(o.binary ? { binary: o.binary } : {}),
     });
     cleanups.push(() => primary.kill());
     await primary.migrate(`tcp:127.0.0.1:${port}`, { parameters: { 'max-bandwidth': 10_000_000_000 } });

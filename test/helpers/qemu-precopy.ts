@@ -65,7 +65,12 @@ export async function precopyIntoReceiver(name: string, a: Buffer, b: Buffer, cl
     'max-bandwidth': 10_000_000_000,
     ...(run.zeroPageDetection ? { 'zero-page-detection': run.zeroPageDetection } : {}),
   } });
-  await src.waitMigrationDone(120_000);
+  try {
+    await src.waitMigrationDone(120_000);
+  } catch (e) {
+    await recv.wait(5000).catch(() => undefined);
+    throw new Error(`${(e as Error).message}; receiver stderr: ${recv.stderr.slice(-1200)}`);
+  }
   const code = await recv.wait(60_000);
   assert.equal(code, 0, `receiver exit code (stderr: ${recv.stderr.slice(-1500)})`);
   // QEMU closes its multifd channels right after completing: the receiver, which waits for
