@@ -1,8 +1,8 @@
 // npm run bench:colo [-- --primary qemu|synthetic --modes plain,multifd4 --workloads idle,load
 //                        --checkpoints 100 --warmup 10 --ram-mib 512 --interval-ms 600
-//                        --secondaries ours,qemu --nodelay-variant --out bench/results]
+//                        --secondaries ours,qemu --nodelay-variant --qemu 7.2|10.0|PATH --out bench/results]
 //
-// COLO checkpoint latency with a real QEMU 7.2 primary (TCG, the project's shim, the test guest),
+// COLO checkpoint latency with a real QEMU 7.2 (or, with --qemu 10.0, 10.0.2 built with COLO) primary (TCG, the project's shim, the test guest),
 // checkpointing into our receiver (`colo-receiver listen`, a CLI child) and, in the same run and
 // cell by cell interleaved, into QEMU's own C secondary (`-incoming`; multifd with the shim's
 // cache redirect). Every checkpoint is timed on the secondary's clock (our CSV / QEMU's trace)
@@ -13,7 +13,7 @@ import { mkdirSync, readFileSync } from 'node:fs';
 import { cpus, loadavg, release } from 'node:os';
 import { join, relative, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { ensureGuest, ensureShim, haveQemu, projectRoot, qemuVersion } from '../src/harness/index.js';
+import { ensureGuest, ensureShim, haveQemu, projectRoot, qemuBinaryFor, qemuMissing, qemuVersion, qemuVersionNumbers } from '../src/harness/index.js';
 import { cellName, cleanupAll, runCell, type CellResult, type CellSpec, type Secondary, type Workload } from './lib/cells.js';
 import { snapshotReceiver } from './lib/receiver.js';
 import { markdown, summarize, writeReport, type RunInfo } from './lib/report.js';
@@ -23,7 +23,11 @@ const USAGE = `bench:colo options:
   --primary qemu|synthetic   (default qemu)
   --modes LIST               plain,multifd4 (multifdN = N channels)
   --workloads LIST           idle,load
-  --secondaries LIST         ours,qemu (qemu = QEMU 7.2's own C secondary)
+  --secondaries LIST         ours,qemu (qemu = QEMU's own C secondary)
+  --qemu 7.2|10.0|PATH       real QEMU for the primary and the C secondary (default 7.2, or $QEMU):
+                             10.0 = 10.0.2 built by scripts/build-qemu10-colo.sh (the C secondary
+                             then has the seed's multifd semantics built in, x-colo set, no shim
+                             cache redirect); PATH = a binary (a 10.x one is treated like 10.0)
   --checkpoints N            measured checkpoints per cell (default 100)
   --warmup N                 checkpoints before measuring (default 10; load starts halfway)
   --ram-mib N                guest RAM (default 512)
@@ -42,6 +46,7 @@ const { values: o } = parseArgs({
     modes: { type: 'string', default: 'plain,multifd4' },
     workloads: { type: 'string', default: 'idle,load' },
     secondaries: { type: 'string', default: 'ours,qemu' },
+    qemu: { type: 'string', default: '7.2' },
     checkpoints: { type: 'string', default: '100' },
     warmup: { type: 'string', default: '10' },
     'ram-mib': { type: 'string', default: '512' },
@@ -102,7 +107,14 @@ if (primaryKind === 'synthetic' && secondaries.includes('qemu')) {
   secondaries = secondaries.filter((s) => s !== 'qemu');
 }
 if (secondaries.length === 0) fail('no secondary to run');
-if (primaryKind === 'qemu' && !haveQemu()) fail('qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)');
+const qemuOpt = String(o.qemu);
+const qemuBin = qemuOpt === '7.2' ? qemuBinaryFor('7.2') : qemuOpt === '10.0' ? qemuBinaryFor('10.0-colo') : resolve(qemuOpt);
+if (primaryKind === 'qemu') {
+  const missing = qemuOpt === '7.2' ? qemuMissing('7.2') : qemuOpt === '10.0' ? qemuMissing('10.0-colo') : (haveQemu(qemuBin) ? false : `${qemuBin} is not a runnable QEMU`);
+  if (missing) fail(missing);
+}
+const qemuMajor = qemuVersionNumbers(qemuBin)?.[0] ?? 7;
+const qemuCfg = { binary: qemuBin, colo10: qemuMajor >= 10 };
 
 const now = new Date();
 const date = now.toISOString().slice(0, 10);
@@ -129,10 +141,10 @@ const info: RunInfo = {
   primary: primaryKind,
   machine: {
     cpus: cpus().length, cpuModel: cpus()[0]?.model ?? '?', accelerator: primaryKind === 'qemu' ? 'tcg' : 'none (synthetic)',
-    qemuVersion: qemuVersion(), guestRamMiB: ramMiB, node: process.version, kernel: release(),
+    qemuVersion: qemuVersion(qemuBin), guestRamMiB: ramMiB, node: process.version, kernel: release(),
     loadavgStart: loadStart, loadavgEnd: [],
   },
-  config: { modes, workloads, secondaries, checkpoints, warmup, intervalMs, uploadMBps, nodelayVariant, ...(Object.keys(receiverEnv).length ? { receiverEnv } : {}) },
+  config: { modes, workloads, secondaries, checkpoints, warmup, intervalMs, uploadMBps, nodelayVariant, qemu: qemuOpt, qemuBinary: qemuBin, ...(Object.keys(receiverEnv).length ? { receiverEnv } : {}) },
   build,
 };
 
@@ -160,7 +172,7 @@ function write(final: boolean) {
 
 for (const [i, spec] of specs.entries()) {
   log(`cell ${i + 1}/${specs.length}: ${cellName(spec)} (load average ${loadavg()[0]!.toFixed(2)})`);
-  const cfg = { ramMiB, intervalMs, warmup, checkpoints, uploadMBps, ...(guest ? { guest } : {}), runDir, receiverCli, receiverEnv, log };
+  const cfg = { ramMiB, intervalMs, warmup, checkpoints, uploadMBps, ...(guest ? { guest } : {}), runDir, receiverCli, receiverEnv, qemu: qemuCfg, log };
   let r = await runCell(spec, cfg);
   for (let k = 0; k < retries && !r.ok; k++) {
     log(`  ${r.name} failed (${r.error}); running it again`);

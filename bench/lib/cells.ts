@@ -53,6 +53,12 @@ export interface CellConfig {
   receiverCli?: string;
   /** Extra environment for our receiver (e.g. GLIBC_TUNABLES). */
   receiverEnv?: Record<string, string>;
+  /**
+   * The real QEMU of the primary and of the C secondary: binary, and whether it is the 10.0.2
+   * COLO build (C secondary: x-colo set, the seed's multifd semantics built in, no shim cache
+   * redirect). Default: the system's 7.2 with the shim's redirect.
+   */
+  qemu?: { binary: string; colo10: boolean };
   log: (msg: string) => void;
 }
 
@@ -143,8 +149,10 @@ async function qemuCell(spec: CellSpec, cfg: CellConfig, runDir: string, res: Ce
     track(() => r.kill());
     uri = `tcp:127.0.0.1:${await recv.port()}`;
   } else {
+    const q10 = cfg.qemu?.colo10 === true;
     sec = await startQemuSecondary({
-      guest, runDir, memMiB: cfg.ramMiB, ...(multifd ? { multifd, mfdCacheShim: true } : {}), nodelay: spec.nodelay,
+      guest, runDir, memMiB: cfg.ramMiB, ...(multifd ? { multifd, ...(q10 ? {} : { mfdCacheShim: true }) } : {}), nodelay: spec.nodelay,
+      ...(cfg.qemu ? { binary: cfg.qemu.binary } : {}), ...(q10 ? { xColo: true } : {}),
     });
     const s = sec;
     track(() => s.kill());
@@ -152,6 +160,7 @@ async function qemuCell(spec: CellSpec, cfg: CellConfig, runDir: string, res: Ce
   }
   const primary: ColoPrimary = await startColoPrimary({
     guest, runDir, memMiB: cfg.ramMiB, checkpointDelayMs: cfg.intervalMs, nodelay: spec.nodelay, ...(multifd ? { multifd } : {}),
+    ...(cfg.qemu ? { binary: cfg.qemu.binary } : {}),
   });
   track(() => primary.kill());
   res.bootMs = primary.bootMs;

@@ -24,7 +24,7 @@ export interface RunInfo {
     loadavgStart: number[];
     loadavgEnd: number[];
   };
-  config: { modes: number[]; workloads: string[]; secondaries: string[]; checkpoints: number; warmup: number; intervalMs: number; uploadMBps: number; nodelayVariant: boolean; receiverEnv?: Record<string, string> };
+  config: { modes: number[]; workloads: string[]; secondaries: string[]; checkpoints: number; warmup: number; intervalMs: number; uploadMBps: number; nodelayVariant: boolean; receiverEnv?: Record<string, string>; qemu?: string; qemuBinary?: string };
   /** The receiver build measured: git HEAD and how many files under src/ and workers/ differed from it. */
   build?: { gitHead: string; uncommitted: number };
 }
@@ -111,7 +111,7 @@ function notesRow(channels: number) {
 }
 
 /** The seed's layout: rows per mode, columns idle mean / p99, load mean / p99; seed, C, ours, ratios. */
-function seedTable(ss: CellSummary[], modes: number[], metric: Metric, nodelay: boolean, withSeed: boolean, cOrNotes: 'run' | 'notes'): string[] {
+function seedTable(ss: CellSummary[], modes: number[], metric: Metric, nodelay: boolean, withSeed: boolean, cOrNotes: 'run' | 'notes', cLabel = 'QEMU 7.2 C secondary'): string[] {
   const rows = ['| | idle mean | idle p99 | load mean | load p99 |', '|---|---:|---:|---:|---:|'];
   const get = (ch: number, sec: string, w: string) => find(ss, ch, w, sec, nodelay)?.metrics[metric];
   const cells = (d: (w: string) => Dist | undefined) => [d('idle')?.mean, d('idle')?.p99, d('load')?.mean, d('load')?.p99];
@@ -125,7 +125,7 @@ function seedTable(ss: CellSummary[], modes: number[], metric: Metric, nodelay: 
     let c: (number | undefined)[];
     if (cOrNotes === 'run') {
       c = cells((w) => get(ch, 'qemu', w));
-      rows.push(`| **${m}** — QEMU 7.2 C secondary | ${fmt(c)} |`);
+      rows.push(`| **${m}** — ${cLabel} | ${fmt(c)} |`);
     } else {
       const n = notesRow(ch);
       c = n ? [n.idleMean, n.idleP99, n.loadMean, n.loadP99] : [undefined, undefined, undefined, undefined];
@@ -187,27 +187,30 @@ export function markdown(info: RunInfo, results: CellResult[], chartFiles: Chart
   const highLoad = Math.max(mc.loadavgStart[0] ?? 0, mc.loadavgEnd[0] ?? 0, ...ss.map((s) => Math.max(s.loadavgStart[0] ?? 0, s.loadavgEnd[0] ?? 0))) > mc.cpus;
   const L: string[] = [];
   const synth = info.primary === 'synthetic';
-  L.push(`# COLO checkpoint latency — ${synth ? 'synthetic primary' : 'real QEMU 7.2 primary'}, ${info.date}`, '');
+  const qv = /version (\d+\.\d+(?:\.\d+)?)/.exec(mc.qemuVersion ?? '')?.[1] ?? '7.2';
+  const q10 = Number(qv.split('.')[0]) >= 10;
+  const cLabel = q10 ? `QEMU ${qv} C secondary (seed semantics, built)` : 'QEMU 7.2 C secondary';
+  L.push(`# COLO checkpoint latency — ${synth ? 'synthetic primary' : `real QEMU ${qv} primary`}, ${info.date}`, '');
   L.push(`Command: \`${info.command}\``, '');
   if (info.build) L.push(`- Receiver build: git ${info.build.gitHead || '?'}${info.build.uncommitted ? ` + ${info.build.uncommitted} uncommitted file(s) under src/ or workers/` : ''} (dist snapshot taken at the start of the run)`);
   L.push(`- Machine: ${mc.cpus} CPUs (${mc.cpuModel}), Linux ${mc.kernel}, Node ${mc.node}`);
   L.push(`- Primary: ${synth ? 'synthetic QEMU-exact 7.2 COLO primary (in the bench process; workload model calibrated to the real runs)' : `${mc.qemuVersion ?? 'QEMU ?'}, accelerator **${mc.accelerator}**, \`-cpu qemu64\`, 1 vCPU, guest RAM **${mc.guestRamMiB} MiB**, test guest (Debian cloud kernel + busybox), project shim (TLB flush${results.some((r) => r.nodelay) ? ', TCP_NODELAY' : ''})`}`);
   L.push(`- Checkpoints every ${info.config.intervalMs} ms (x-checkpoint-delay); ${info.config.warmup} warm-up then **${info.config.checkpoints} measured** per cell; load = host upload into the guest at ${info.config.uploadMBps} MB/s target over user-net hostfwd${synth ? ' (synthetic: lognormal ~25 MB/checkpoint; idle ~60 pages)' : ''}`);
   L.push(`- Load average (1/5/15 min) at start ${mc.loadavgStart.join(' / ')}, at end ${mc.loadavgEnd.join(' / ')}; per cell below.${highLoad ? ` **The machine was loaded (load average above the CPU count at times: other engineers' jobs share these ${mc.cpus} cores); tails (p99/max) are inflated by that, for both secondaries alike — they ran interleaved, cell by cell.**` : ''}`);
-  L.push(`- Secondaries: **ours** = \`colo-receiver listen\` as a CLI child (\`--multifd-channels N --stats-json --checkpoints-csv\`${info.config.receiverEnv ? `, environment ${Object.entries(info.config.receiverEnv).map(([k, v]) => `\`${k}=${v}\``).join(' ')}` : ''}); ${synth ? "QEMU's own secondary cannot load a synthetic device state, so the C column is NOTES.md's real-primary figure (not this run)" : '**C** = `qemu-system-x86_64 -incoming` 7.2 (diskless COLO secondary; multifd with the shim\'s cache redirect, which stands in for the seed\'s C fix)'}.`);
+  L.push(`- Secondaries: **ours** = \`colo-receiver listen\` as a CLI child (\`--multifd-channels N --stats-json --checkpoints-csv\`${info.config.receiverEnv ? `, environment ${Object.entries(info.config.receiverEnv).map(([k, v]) => `\`${k}=${v}\``).join(' ')}` : ''}); ${synth ? "QEMU's own secondary cannot load a synthetic device state, so the C column is NOTES.md's real-primary figure (not this run)" : (q10 ? `**C** = \`qemu-system-x86_64 -incoming\` ${qv} built by scripts/build-qemu10-colo.sh (diskless COLO secondary, x-colo set; multifd with the seed's semantics in C, native/qemu-10.0.2-colo.patch; no shim cache redirect)` : '**C** = `qemu-system-x86_64 -incoming` 7.2 (diskless COLO secondary; multifd with the shim\'s cache redirect, which stands in for the seed\'s C fix)')}.`);
   L.push(`- TCP_NODELAY: ${results.some((r) => r.nodelay) ? 'on for QEMU\'s sockets via the shim in the main tables (as in NOTES.md); ours always sets it on its side' : 'off'}${info.config.nodelayVariant ? '; the stock no-NODELAY variant is reported separately below' : ''}.`);
   L.push(`- Times in ms; percentiles nearest-rank (p99 of 100 = the 99th smallest).`, '');
 
   const modes = info.config.modes;
   L.push('## Transfer time per checkpoint — the seed\'s table', '');
   L.push(`Transfer = each secondary's own clock, the same definition on both: VMSTATE_SEND received → RAM part loaded with every multifd channel synced (ours: \`--checkpoints-csv\` transfer_ms; QEMU: its trace, \`receive vmstate-send\` → \`ram_load_complete\`).`, '');
-  L.push(...seedTable(ss, modes, 'transferMs', true, true, synth ? 'notes' : 'run'), '');
+  L.push(...seedTable(ss, modes, 'transferMs', true, true, synth ? 'notes' : 'run', cLabel), '');
   if (!synth) {
     L.push('### The same from the primary\'s clock: VMSTATE_SEND → VMSTATE_RECEIVED', '');
     L.push('One clock (the primary\'s trace) for both secondaries: RAM part and device-state blob on the wire and read by the secondary.', '');
-    L.push(...seedTable(ss, modes, 'primarySendToReceivedMs', true, false, 'run'), '');
+    L.push(...seedTable(ss, modes, 'primarySendToReceivedMs', true, false, 'run', cLabel), '');
     L.push('### Whole checkpoint from the primary\'s clock: CHECKPOINT_REQUEST → VMSTATE_LOADED (the primary\'s VM is stopped about this long)', '');
-    L.push(...seedTable(ss, modes, 'primaryRequestToLoadedMs', true, false, 'run'), '');
+    L.push(...seedTable(ss, modes, 'primaryRequestToLoadedMs', true, false, 'run', cLabel), '');
     if (ss.some((s) => s.spec.secondary === 'qemu' && s.metrics.memoryTransferMs)) {
       L.push('### QEMU\'s secondary, NOTES.md\'s definition (primary sends VMSTATE_SEND → secondary `ram_load_complete`) beside NOTES.md\'s figures', '');
       L.push('| | idle mean | idle p99 | load mean | load p99 |', '|---|---:|---:|---:|---:|');
@@ -225,7 +228,7 @@ export function markdown(info: RunInfo, results: CellResult[], chartFiles: Chart
     L.push('Ours sets TCP_NODELAY on its own sockets whatever the primary does.', '');
     for (const [metric, label] of [['transferMs', 'transfer (secondary clock)'], ['primarySendToReceivedMs', 'primary SEND→RECEIVED'], ['primaryRequestToLoadedMs', 'primary REQUEST→LOADED']] as const) {
       L.push(`### ${label}, stock`, '');
-      L.push(...seedTable(ss, modes, metric, false, false, 'run'), '');
+      L.push(...seedTable(ss, modes, metric, false, false, 'run', cLabel), '');
     }
   }
   if (ss.some((s) => s.spec.workload === 'load' && s.n > 0)) {
