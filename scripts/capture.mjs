@@ -1,7 +1,11 @@
 #!/usr/bin/env node
-// capture.mjs — record small real QEMU 7.2 migration streams into test/fixtures/captures/.
+// capture.mjs — record small real QEMU migration streams into test/fixtures/captures/.
 //
-//   npm run build && node scripts/capture.mjs [precopy-plain] [precopy-mfd2] [colo-plain] [colo-mfd2] [--out DIR]
+//   npm run build && node scripts/capture.mjs [precopy-plain] [precopy-mfd2] [colo-plain] [colo-mfd2] [--out DIR] [--qemu 7.2|10.0]
+//
+// --qemu 10.0: stock QEMU 10.0.2 (scripts/install-qemu10.sh) for precopy, the COLO build
+// (scripts/build-qemu10-colo.sh) as the COLO primary; default out dir test/fixtures/captures-qemu10
+// (kept apart from the 7.2 captures the fuzzer's seeds are described against).
 //
 // A recording TCP proxy sits between QEMU (the source / COLO primary) and an in-process
 // colo-receiver (so the source completes and a COLO primary gets its replies). Every
@@ -21,19 +25,25 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 const root = new URL('..', import.meta.url).pathname;
 const dist = (p) => new URL(`../dist/src/${p}`, import.meta.url).href;
-const { ColoPrimary, ensureShim, PRIMARY_TRACE_EVENTS, QemuProcess, qemuVersion, shimEnv, startPrecopySource } = await import(dist('harness/index.js'));
+const { ColoPrimary, ensureShim, PRIMARY_TRACE_EVENTS, QemuProcess, qemuBinaryFor, qemuVersion, shimEnv, startPrecopySource } = await import(dist('harness/index.js'));
 const { IncomingMigration } = await import(dist('migration/incoming.js'));
 const { listenForMigration } = await import(dist('net/listener.js'));
 const { silentLogger } = await import(dist('log.js'));
 
 const QEVM = 0x5145564d, MULTIFD = 0x11223344;
 const args = process.argv.slice(2);
-let out = join(root, 'test/fixtures/captures');
+let out = null;
+let flavour = '7.2';
 const which = [];
 for (let i = 0; i < args.length; i++) {
   if (args[i] === '--out') out = resolve(args[++i]);
+  else if (args[i] === '--qemu') flavour = args[++i];
   else which.push(args[i]);
 }
+if (!['7.2', '10.0'].includes(flavour)) { console.error('--qemu must be 7.2 or 10.0'); process.exit(1); }
+out ??= join(root, flavour === '7.2' ? 'test/fixtures/captures' : 'test/fixtures/captures-qemu10');
+const precopyBinary = qemuBinaryFor(flavour);
+const coloBinary = qemuBinaryFor(flavour === '7.2' ? '7.2' : '10.0-colo');
 const ALL = ['precopy-plain', 'precopy-mfd2', 'colo-plain', 'colo-mfd2'];
 const runs = which.length ? which : ALL;
 for (const w of runs) if (!ALL.includes(w)) { console.error(`unknown capture ${w}; one of ${ALL.join(', ')}`); process.exit(1); }
@@ -115,7 +125,7 @@ function save(name, conns, meta) {
     files.push(entry);
   }
   files.sort((a, b) => (a.role === 'main' ? -1 : b.role === 'main' ? 1 : a.role.localeCompare(b.role, 'en', { numeric: true })));
-  writeFileSync(join(dir, 'index.json'), JSON.stringify({ name, qemu: qemuVersion(), ...meta, connections: files }, null, 2) + '\n');
+  writeFileSync(join(dir, 'index.json'), JSON.stringify({ name, qemu: qemuVersion(meta.kind === 'colo' ? coloBinary : precopyBinary), ...meta, connections: files }, null, 2) + '\n');
   console.log(`${name}: ${files.map((f) => `${f.file} ${f.bytes} B`).join(', ')}`);
 }
 
@@ -135,6 +145,7 @@ async function precopy(name, multifd) {
     runDir: dir, memMiB: 32,
     loaderFiles: [{ path: join(dir, 'a.bin'), addr: 0x100000 }, { path: join(dir, 'b.bin'), addr: 0x1400000 }],
     ...(multifd ? { multifd: { channels: multifd } } : {}),
+    binary: precopyBinary,
   });
   try {
     await src.stop();
@@ -185,7 +196,7 @@ async function colo(name, checkpoints, memMiB, multifd) {
   const proc = QemuProcess.start({
     runDir: dir, role: 'primary', cpu: 'qemu64', memMiB,
     devices: [`loader,file=${join(dir, 'a.bin')},addr=0x200000,force-raw=on`],
-    trace: { events: PRIMARY_TRACE_EVENTS }, msgTimestamp: true, env,
+    trace: { events: PRIMARY_TRACE_EVENTS }, msgTimestamp: true, env, binary: coloBinary,
   });
   const primary = new ColoPrimary(proc, { guest: { kernel: '', initrd: '' }, runDir: dir, checkpointDelayMs: 300, ...(multifd ? { multifd: { channels: multifd } } : {}) }, 0, 0);
   try {

@@ -7,15 +7,17 @@ import { join } from 'node:path';
 import { describe, test } from 'node:test';
 
 const MAIN = new URL('../../src/cli/main.js', import.meta.url).pathname;
-const CAPTURES = new URL('../../../test/fixtures/captures/', import.meta.url).pathname;
+const FIXTURES = new URL('../../../test/fixtures/', import.meta.url).pathname;
+// captures: QEMU 7.2; captures-qemu10: QEMU 10.0.2 (stock for precopy, the COLO build for COLO)
+const ROOTS = ['captures', 'captures-qemu10'];
 
-const dirs = readdirSync(CAPTURES, { withFileTypes: true }).filter((d) => d.isDirectory()).map((d) => d.name).sort();
+const dirs = ROOTS.flatMap((r) => readdirSync(join(FIXTURES, r), { withFileTypes: true }).filter((d) => d.isDirectory()).map((d) => `${r}/${d.name}`)).sort();
 
 describe('inspect on real captures', () => {
-  test('there are captures to decode', () => { assert.ok(dirs.length >= 4, dirs.join(',')); });
+  test('there are captures of both QEMU versions to decode', () => { assert.ok(dirs.length >= 8, dirs.join(',')); });
   for (const name of dirs) {
     test(`${name}: every stream decodes to its end`, () => {
-      const dir = join(CAPTURES, name);
+      const dir = join(FIXTURES, name);
       const streams = readdirSync(dir).filter((f) => /^(main|multifd-\d+)\.bin(\.gz)?$/.test(f)).map((f) => join(dir, f));
       const comp = /zstd/.test(name) ? 'zstd' : /zlib/.test(name) ? 'zlib' : 'none';
       const r = spawnSync(process.execPath, [MAIN, 'inspect', `--compression=${comp}`, ...streams], { encoding: 'utf8', timeout: 60_000 });
