@@ -45,6 +45,7 @@ const P = TARGET_PAGE_SIZE;
 const TWO_32 = 2 ** 32;
 export const PROJECT_ROOT = new URL('../../../', import.meta.url).pathname;
 export const CAPTURES_DIR = `${PROJECT_ROOT}test/fixtures/captures`;
+export const CAPTURES_QEMU10_DIR = `${PROJECT_ROOT}test/fixtures/captures-qemu10`;
 
 /** Caps for fuzzing: small enough that a mutated length cannot make a case allocate gigabytes. */
 export const FUZZ_LIMITS: Limits = {
@@ -114,8 +115,8 @@ function readMaybeGz(path: string): Buffer {
   return path.endsWith('.gz') ? gunzipSync(b) : b;
 }
 
-/** Seeds from test/fixtures/captures/<name>/index.json (written by scripts/capture.mjs). */
-export function loadCaptures(dir = CAPTURES_DIR): Seed[] {
+/** Seeds from test/fixtures/captures[-qemu10]/<name>/index.json (written by scripts/capture.mjs). */
+export function loadCaptures(dir = CAPTURES_DIR, layout: '7.2' | '10.x' = '7.2'): Seed[] {
   if (!existsSync(dir)) return [];
   const out: Seed[] = [];
   for (const name of readdirSync(dir).sort()) {
@@ -132,7 +133,7 @@ export function loadCaptures(dir = CAPTURES_DIR): Seed[] {
     });
     const main = meta.connections.find((c) => c.role === 'main');
     out.push({
-      name: `capture/${name}`, origin: 'capture', layout: '7.2', colo: meta.colo, channels: meta.multifdChannels, compression: 'none',
+      name: `capture${layout === '7.2' ? '' : '-qemu10'}/${name}`, origin: 'capture', layout, colo: meta.colo, channels: meta.multifdChannels, compression: 'none',
       conns, eofGate: main?.replies?.bytes ?? 0, pagesOnce: meta.kind === 'precopy', weight: 0.2,
       ioTimeoutMs: 1000, heartbeatTimeoutMs: 2000, maxChunk: 4096,
     });
@@ -1488,7 +1489,7 @@ export interface CampaignOptions {
 /** Loads every seed, records the synthetic ones, calibrates all of them. */
 export async function buildCorpus(pool: PagePool, opts: { captures?: boolean; synthetic?: boolean; log?: (s: string) => void } = {}): Promise<Seed[]> {
   const seeds: Seed[] = [];
-  if (opts.captures !== false) seeds.push(...loadCaptures());
+  if (opts.captures !== false) seeds.push(...loadCaptures(), ...loadCaptures(CAPTURES_QEMU10_DIR, '10.x'));
   if (opts.synthetic !== false) for (const spec of syntheticSpecs()) seeds.push(await recordSynthetic(spec, pool));
   for (const s of seeds) {
     s.ref = await calibrate(s, pool);
