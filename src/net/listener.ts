@@ -1,7 +1,9 @@
 import { createServer, type Server, type Socket } from 'node:net';
+import { performance } from 'node:perf_hooks';
 import { hex } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { IncomingMigration } from '../migration/incoming.js';
+import { acceptTls, type TlsServerConfig } from './tls.js';
 import { MULTIFD_INIT_LEN, MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION } from '../wire/constants.js';
 
 export interface ListenOptions {
@@ -13,6 +15,15 @@ export interface ListenOptions {
   identifyTimeoutMs?: number;
   /** Connections still identifying themselves at once; more are refused at accept. */
   maxUnidentified?: number;
+  /**
+   * Every connection is a TLS server session first (--tls-creds); classification reads the
+   * decrypted bytes. The handshake counts against identifyTimeoutMs.
+   */
+  tls?: TlsServerConfig | undefined;
+  /** Told about every connection refused or dropped before it reached the migration (metrics). */
+  onRefused?: (reason: string, peer: string) => void;
+  /** Told about every connection handed to the migration. */
+  onAccepted?: (kind: 'main' | 'multifd', peer: string) => void;
   log: Logger;
 }
 
@@ -38,31 +49,55 @@ export async function listenForMigration(mig: IncomingMigration, opts: ListenOpt
   const identifyMs = opts.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS;
   const maxPending = opts.maxUnidentified ?? DEFAULT_MAX_UNIDENTIFIED;
   const pending = new Set<Socket>();
-  const server = createServer({ noDelay: true }, (sock: Socket) => {
-    const peer = `${sock.remoteAddress}:${sock.remotePort}`;
-    if (allow.size > 0 && !allow.has(sock.remoteAddress ?? '')) {
-      opts.log.warn({ peer, reason: 'not-allowed' }, 'connection refused: peer not in --allow');
-      sock.destroy();
+  const refuse = (level: 'warn' | 'error', fields: Record<string, unknown> & { peer: string; reason: string }, msg: string) => {
+    opts.log[level](fields, msg);
+    opts.onRefused?.(fields.reason, fields.peer);
+  };
+  const server = createServer({ noDelay: true }, (raw: Socket) => {
+    const peer = `${raw.remoteAddress}:${raw.remotePort}`;
+    if (allow.size > 0 && !allow.has(raw.remoteAddress ?? '')) {
+      refuse('warn', { peer, reason: 'not-allowed' }, 'connection refused: peer not in --allow');
+      raw.destroy();
       return;
     }
     if (pending.size >= maxPending) {
-      opts.log.warn({ peer, reason: 'too-many-unidentified', pending: pending.size }, `connection refused: ${pending.size} connections have not identified themselves yet`);
-      sock.destroy();
+      refuse('warn', { peer, reason: 'too-many-unidentified', pending: pending.size }, `connection refused: ${pending.size} connections have not identified themselves yet`);
+      raw.destroy();
       return;
     }
-    pending.add(sock);
+    pending.add(raw);
+    if (!opts.tls) { identify(raw, raw, peer); return; }
+    // TLS wraps the TCP connection before anything is read from it: a refused session never
+    // reaches the classification, let alone the migration.
+    const t0 = performance.now();
+    void acceptTls(raw, opts.tls, identifyMs).then((r) => {
+      if (!r.ok) {
+        pending.delete(raw);
+        refuse('warn', { peer, reason: r.reason, ...(r.dn !== undefined ? { dn: r.dn } : {}) }, `connection refused: ${r.detail}`);
+        raw.destroy();
+        return;
+      }
+      opts.log.debug({ peer, dn: r.dn, tls: r.protocol }, 'TLS session established');
+      identify(r.sock, raw, peer, Math.max(1, identifyMs - (performance.now() - t0)));
+    });
+  });
+  /**
+   * Classifies one connection by its first bytes (decrypted ones under TLS). `key` is the
+   * TCP socket counted in `pending`; `ms` what is left of the identify timeout.
+   */
+  const identify = (sock: Socket, key: Socket, peer: string, ms = identifyMs) => {
     let got: Buffer[] = [];
     let n = 0;
     const drop = (reason: string, msg: string, level: 'warn' | 'error' = 'warn') => {
       finish();
-      opts.log[level]({ peer, reason, bytes: n }, `connection dropped: ${msg}`);
+      refuse(level, { peer, reason, bytes: n }, `connection dropped: ${msg}`);
       sock.destroy();
     };
-    const timer = identifyMs > 0 ? setTimeout(() => drop('identify-timeout', `not identified within ${identifyMs} ms`), identifyMs) : null;
+    const timer = identifyMs > 0 ? setTimeout(() => drop('identify-timeout', `not identified within ${identifyMs} ms`), ms) : null;
     timer?.unref();
     const finish = () => {
       if (timer) clearTimeout(timer);
-      pending.delete(sock);
+      pending.delete(key);
       sock.off('data', onData);
       sock.off('end', onEarlyEnd);
     };
@@ -92,16 +127,18 @@ export async function listenForMigration(mig: IncomingMigration, opts: ListenOpt
       // The channel parses (and checks) the header bytes itself.
       const accepted = kind === 'main' ? mig.attachMain(sock, head) : mig.attachMultifd(sock, head);
       if (!accepted) {
-        opts.log.warn({ peer, reason: 'migration-active' }, 'connection refused: a migration is already active or all channels are connected');
+        refuse('warn', { peer, reason: 'migration-active' }, 'connection refused: a migration is already active or all channels are connected');
         sock.destroy();
+      } else {
+        opts.onAccepted?.(kind, peer);
       }
       // An accepted socket is resumed by its channel, which knows whether it may take bytes.
     };
     const onEarlyEnd = () => drop('closed', 'closed before identifying itself');
     sock.on('data', onData);
     sock.on('end', onEarlyEnd);
-    sock.on('error', () => { if (pending.has(sock)) finish(); sock.destroy(); });
-  });
+    sock.on('error', () => { if (pending.has(key)) finish(); sock.destroy(); });
+  };
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(opts.port ?? 0, opts.host ?? '127.0.0.1', () => { server.off('error', reject); resolve(); });
