@@ -4,6 +4,8 @@ import { createLogger } from '../log.js';
 import type { Compression } from '../migration/multifd-packet.js';
 import { parseFailoverAction, type FailoverAction } from '../restore/failover.js';
 import { receive } from './receive.js';
+import { loadClientCreds, loadServerCreds, parseAuthzList, TlsCredsError } from '../net/tls.js';
+import { parseMetricsAddress, type MetricsAddress } from '../ops/metrics.js';
 
 const HELP = `colo-receiver: a store-only QEMU COLO secondary (QEMU migration wire protocol, multifd, COLO)
 
@@ -11,8 +13,10 @@ Usage:
   colo-receiver listen [options]        accept one incoming migration (precopy or COLO)
   colo-receiver demo [--channels N]     synthetic QEMU source -> receiver on loopback, prints the summary
   colo-receiver inspect FILE...         decode captured main/multifd streams
-  colo-receiver restore --from PATH --to tcp:HOST:PORT
+  colo-receiver restore --from PATH --to tcp:HOST:PORT|tls+tcp:HOST:PORT [--tls-creds DIR]
+                        [--tls-hostname NAME]
                                         replay a saved image into a waiting qemu -incoming
+                                        (TLS: client credentials in QEMU's layout)
   colo-receiver --help | --version
 
 listen options:
@@ -43,7 +47,32 @@ listen options:
                             last 8 idle gaps, at least 1 s. 0 disables
   --on-failover ACTION      COLO: when the primary is lost, resume=tcp:HOST:PORT migrates the
                             committed image into a waiting 'qemu-system-x86_64 -incoming
-                            tcp:HOST:PORT'; save=PATH writes it for -incoming "exec:cat PATH"
+                            tcp:HOST:PORT'; resume=tls+tcp:HOST:PORT the same over TLS (needs
+                            --resume-tls-creds; the QEMU waits with -incoming defer, a
+                            tls-creds-x509 endpoint=server object and migrate-set-parameters
+                            tls-creds=ID before migrate-incoming); save=PATH writes it for
+                            -incoming "exec:cat PATH"
+  --resume-tls-creds DIR    client credentials for resume=tls+tcp: in QEMU's layout (ca-cert.pem,
+                            client-cert.pem + client-key.pem when the destination verifies peers)
+  --resume-tls-hostname NAME
+                            name the destination's certificate must carry (QEMU's tls-hostname;
+                            default: HOST of the resume target)
+  --tls-creds DIR           TLS on every channel (main and each multifd connection), as a QEMU
+                            destination with tls-creds-x509 endpoint=server: DIR holds ca-cert.pem,
+                            server-cert.pem, server-key.pem (dh-params.pem is ignored). Client
+                            certificates are required and verified against ca-cert.pem
+                            (verify-peer=on). A refused connection (plaintext, untrusted or
+                            missing certificate, DN not allowed, no handshake within
+                            --io-timeout) is closed and logged with a reason; the listener keeps
+                            waiting
+  --tls-no-verify-peer      do not ask for client certificates (QEMU verify-peer=off)
+  --tls-authz DN            accept only clients whose certificate subject is DN, written as QEMU
+                            prints it (gnutls order, e.g. C=GB,O=Example,CN=primary); a list
+                            doubles the commas inside each DN, as QEMU's -object does:
+                            'CN=a,,O=x,CN=b,,O=x'; may be repeated
+  --metrics HOST:PORT       serve Prometheus /metrics and /healthz (200 while the committed image
+                            is usable, else 503) on HOST:PORT; a bare PORT means 127.0.0.1.
+                            Off by default
   --max-ram BYTES           cap on the total RAM a source may announce (default 64 GiB)
   --max-blob BYTES          cap on a COLO device-state blob (default 256 MiB)
   --max-blocks N            cap on the RAMBlocks in MEM_SIZE (default 1024)
@@ -86,12 +115,18 @@ const LISTEN = {
   'max-packet-payload': { type: 'string' },
   'max-command': { type: 'string' },
   'on-failover': { type: 'string' },
+  'resume-tls-creds': { type: 'string' },
+  'resume-tls-hostname': { type: 'string' },
+  'tls-creds': { type: 'string' },
+  'tls-no-verify-peer': { type: 'boolean', default: false },
+  'tls-authz': { type: 'string', multiple: true },
+  metrics: { type: 'string' },
   'log-level': { type: 'string' },
   'no-progress': { type: 'boolean', default: false },
   help: { type: 'boolean', short: 'h', default: false },
 } satisfies ParseArgsConfig['options'];
 
-class UsageError extends Error {}
+export class UsageError extends Error {}
 
 function int(v: unknown, name: string, min: number, max: number): number {
   const n = Number(v);
@@ -104,12 +139,17 @@ function heartbeat(v: unknown): number | 'auto' {
   try { return int(v, 'heartbeat-timeout', 0, 2 ** 31 - 1); } catch { throw new UsageError(`--heartbeat-timeout must be auto or milliseconds (0..${2 ** 31 - 1}, 0 disables), got ${String(v)}`); }
 }
 
+/** Unreadable or invalid credentials are the operator's to fix: a usage error, exit 1. */
+export async function creds<T>(load: () => Promise<T>): Promise<T> {
+  try { return await load(); } catch (e) { if (e instanceof TlsCredsError) throw new UsageError(e.message); throw e; }
+}
+
 function failoverAction(spec: string): FailoverAction {
   try { return parseFailoverAction(spec); } catch (e) { throw new UsageError((e as Error).message); }
 }
 
 async function listen(argv: string[]): Promise<number> {
-  const { values: o } = parseArgs({ args: argv, options: LISTEN, strict: true, allowPositionals: false }) as { values: Record<string, string | boolean | undefined> };
+  const { values: o } = parseArgs({ args: argv, options: LISTEN, strict: true, allowPositionals: false }) as { values: Record<string, string | boolean | string[] | undefined> };
   if (o.help) { process.stdout.write(HELP + '\n'); return 0; }
   const comp = String(o.compression);
   if (!['none', 'zlib', 'zstd'].includes(comp)) throw new UsageError(`--compression must be none, zlib or zstd, got ${comp}`);
@@ -125,6 +165,20 @@ async function listen(argv: string[]): Promise<number> {
   if (o['max-channels'] !== undefined) limits.maxChannels = int(o['max-channels'], 'max-channels', 1, 255);
   if (o['max-packet-payload'] !== undefined) limits.maxPacketPayload = int(o['max-packet-payload'], 'max-packet-payload', 1, 2 ** 20);
   if (o['max-command'] !== undefined) limits.maxCommandBytes = int(o['max-command'], 'max-command', 0, 65536);
+  const authzValues = (o['tls-authz'] as string[] | undefined) ?? [];
+  let authz: string[] = [];
+  try { authz = parseAuthzList(authzValues); } catch (e) { throw new UsageError((e as Error).message); }
+  if (o['tls-creds'] === undefined && (authz.length > 0 || o['tls-no-verify-peer'])) throw new UsageError('--tls-authz and --tls-no-verify-peer need --tls-creds');
+  const tls = o['tls-creds'] !== undefined ? await creds(() => loadServerCreds(String(o['tls-creds']), { verifyPeer: !o['tls-no-verify-peer'], authz })) : undefined;
+  const onFailover = o['on-failover'] !== undefined ? failoverAction(String(o['on-failover'])) : undefined;
+  const resumeCreds = o['resume-tls-creds'] as string | undefined;
+  if (onFailover && onFailover.target.kind === 'tcp') {
+    if (onFailover.target.secure && resumeCreds === undefined) throw new UsageError('--on-failover resume=tls+tcp: needs --resume-tls-creds DIR');
+    if (!onFailover.target.secure && resumeCreds !== undefined) throw new UsageError('--resume-tls-creds is for resume=tls+tcp:HOST:PORT');
+    if (resumeCreds !== undefined) onFailover.target.tls = await creds(() => loadClientCreds(resumeCreds, o['resume-tls-hostname'] as string | undefined));
+  } else if (resumeCreds !== undefined) throw new UsageError('--resume-tls-creds is for --on-failover resume=tls+tcp:HOST:PORT');
+  let metrics: MetricsAddress | undefined;
+  try { metrics = o.metrics !== undefined ? parseMetricsAddress(String(o.metrics)) : undefined; } catch (e) { throw new UsageError((e as Error).message); }
   const res = await receive({
     host: String(o.host),
     port: int(o.port, 'port', 0, 65535),
@@ -142,7 +196,9 @@ async function listen(argv: string[]): Promise<number> {
     maxUnidentified: int(o['max-unidentified'], 'max-unidentified', 1, 65536),
     heartbeatTimeoutMs: heartbeat(o['heartbeat-timeout']),
     limits,
-    onFailover: o['on-failover'] !== undefined ? failoverAction(String(o['on-failover'])) : undefined,
+    onFailover,
+    tls,
+    metrics,
     progress: process.stderr.isTTY === true && !o['no-progress'],
     log,
   });

@@ -8,6 +8,8 @@ import { IncomingMigration, type IncomingOptions, type Outcome } from '../migrat
 import { dumpFileName, type CommittedImage } from '../migration/committed-image.js';
 import { DEFAULT_IDENTIFY_TIMEOUT_MS, listenForMigration } from '../net/listener.js';
 import { runFailover, type FailoverAction } from '../restore/failover.js';
+import type { TlsServerConfig } from '../net/tls.js';
+import { ReceiverMetrics, serveMetrics, type MetricsAddress } from '../ops/metrics.js';
 import { performance } from 'node:perf_hooks';
 
 export interface ReceiveOptions extends IncomingOptions {
@@ -25,6 +27,12 @@ export interface ReceiveOptions extends IncomingOptions {
   onListening?: (port: number) => void;
   /** COLO: what to do with the committed image when the primary is lost (--on-failover). */
   onFailover?: FailoverAction | undefined;
+  /** Serve every channel as a TLS server session (--tls-creds). */
+  tls?: TlsServerConfig | undefined;
+  /** Serve /metrics and /healthz here (--metrics). */
+  metrics?: MetricsAddress | undefined;
+  /** Called with the metrics server's bound port (tests use port 0). */
+  onMetricsListening?: (port: number, metrics: ReceiverMetrics) => void;
   /** Called after the migration ended, with the committed image still readable (failover). */
   onEnded?: (mig: IncomingMigration, outcome: Outcome) => Promise<void>;
 }
@@ -59,16 +67,25 @@ export async function receive(opts: ReceiveOptions): Promise<ReceiveResult> {
   const log = opts.log;
   const mig = new IncomingMigration({ ...opts, log });
   let server: Server | null = null;
+  let metricsServer: Server | null = null;
   let timer: NodeJS.Timeout | null = null;
   try {
+    const metrics = opts.metrics ? new ReceiverMetrics(mig, { failover: opts.onFailover !== undefined }) : null;
+    if (metrics && opts.metrics) {
+      metricsServer = await serveMetrics(metrics, opts.metrics, log);
+      const a = metricsServer.address();
+      opts.onMetricsListening?.(typeof a === 'object' && a ? a.port : opts.metrics.port, metrics);
+    }
     server = await listenForMigration(mig, {
       host: opts.host, port: opts.port, allow: opts.allow ?? [], log,
       identifyTimeoutMs: opts.ioTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS,
       ...(opts.maxUnidentified !== undefined ? { maxUnidentified: opts.maxUnidentified } : {}),
+      tls: opts.tls,
+      ...(metrics ? { onRefused: (reason: string) => metrics.refused(reason), onAccepted: (kind: 'main' | 'multifd') => metrics.accepted(kind) } : {}),
     });
     const addr = server.address();
     const port = typeof addr === 'object' && addr ? addr.port : opts.port;
-    log.info({ host: opts.host, port }, 'waiting for an incoming migration');
+    log.info({ host: opts.host, port, ...(opts.tls ? { tls: opts.tls.dir, verifyPeer: opts.tls.verifyPeer, authz: opts.tls.authz } : {}) }, 'waiting for an incoming migration');
     opts.onListening?.(port);
     if (opts.progress) {
       timer = setInterval(() => {
@@ -104,7 +121,8 @@ export async function receive(opts: ReceiveOptions): Promise<ReceiveResult> {
     if (opts.onFailover && img && outcome.kind === 'primary-lost') {
       const total = img.blocks.reduce((s2, b) => s2 + b.usedLength, 0);
       const progress = opts.progress ? (n: number) => process.stderr.write(`\rfailover: ${(n / 1e6).toFixed(0)} MB of ~${(total / 1e6).toFixed(0)} MB  `) : undefined;
-      const r = await runFailover(img, opts.onFailover, log, endedAt || performance.now(), progress);
+      metrics?.setPhase('failover');
+      const r = await runFailover(img, opts.onFailover, log, endedAt || performance.now(), progress).finally(() => metrics?.setPhase('done'));
       if (progress) process.stderr.write('\n');
       failover = { ...r, checkpoint: img.checkpoint };
       summary.failover = failover;
@@ -127,6 +145,7 @@ export async function receive(opts: ReceiveOptions): Promise<ReceiveResult> {
   } finally {
     if (timer) clearInterval(timer);
     server?.close();
+    metricsServer?.close();
     await mig.pool.close().catch(() => undefined);
   }
 }

@@ -1,17 +1,17 @@
 import { performance } from 'node:perf_hooks';
 import type { Logger } from '../log.js';
 import type { CommittedImage } from '../migration/committed-image.js';
-import { parseTarget, sendImage, type ResumeTarget } from './image-stream.js';
+import { describeTarget, parseTarget, sendImage, type ResumeTarget } from './image-stream.js';
 import { withRunstate } from './runstate.js';
 
 export interface FailoverAction { kind: 'resume' | 'save'; target: ResumeTarget }
 
-/** `resume=tcp:HOST:PORT` or `save=PATH` (the --on-failover values). */
+/** `resume=tcp:HOST:PORT`, `resume=tls+tcp:HOST:PORT` or `save=PATH` (the --on-failover values). */
 export function parseFailoverAction(spec: string): FailoverAction {
   const m = /^(resume|save)=(.+)$/.exec(spec);
-  if (!m) throw new RangeError(`--on-failover must be resume=tcp:HOST:PORT or save=PATH, got "${spec}"`);
+  if (!m) throw new RangeError(`--on-failover must be resume=tcp:HOST:PORT, resume=tls+tcp:HOST:PORT or save=PATH, got "${spec}"`);
   const target = parseTarget(m[2]!);
-  if (m[1] === 'resume' && target.kind !== 'tcp') throw new RangeError('--on-failover resume= needs tcp:HOST:PORT');
+  if (m[1] === 'resume' && target.kind !== 'tcp') throw new RangeError('--on-failover resume= needs tcp:HOST:PORT or tls+tcp:HOST:PORT');
   if (m[1] === 'save' && target.kind !== 'file') throw new RangeError('--on-failover save= needs a file path');
   return { kind: m[1] as 'resume' | 'save', target };
 }
@@ -25,7 +25,7 @@ export async function runFailover(img: CommittedImage, action: FailoverAction, l
                                   progress?: (bytes: number) => void): Promise<{ ms: number; bytes: number }> {
   const { dev, was } = withRunstate(img.deviceState, 'running');
   if (was !== null && was !== 'running') log.info({ checkpoint: img.checkpoint }, `globalstate runstate "${was}" replayed as "running"`);
-  const where = action.target.kind === 'tcp' ? `tcp:${action.target.host}:${action.target.port}` : action.target.path;
+  const where = describeTarget(action.target);
   log.info({ checkpoint: img.checkpoint }, `failover: ${action.kind === 'resume' ? 'resuming' : 'saving'} committed checkpoint ${img.checkpoint} to ${where}`);
   const bytes = await sendImage({ ...img, deviceState: dev }, action.target, progress);
   const ms = performance.now() - t0;

@@ -3,6 +3,7 @@ import { connect, type Socket } from 'node:net';
 import { once } from 'node:events';
 import type { Writable } from 'node:stream';
 import type { CommittedImage } from '../migration/committed-image.js';
+import { connectTls, type TlsClientCreds } from '../net/tls.js';
 import {
   QEMU_VM_CONFIGURATION, QEMU_VM_EOF, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, QEMU_VM_SECTION_FOOTER,
   QEMU_VM_SECTION_START, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_MEM_SIZE, RAM_SAVE_FLAG_PAGE,
@@ -105,14 +106,23 @@ export async function writeImageStream(img: CommittedImage, w: Writable, onProgr
   return n;
 }
 
-export type ResumeTarget = { kind: 'tcp'; host: string; port: number } | { kind: 'file'; path: string };
+/**
+ * `secure`: `tls+tcp:` was asked for; `tls` holds the client credentials (--resume-tls-creds /
+ * restore --tls-creds), attached after parsing. A secure target without them is refused.
+ */
+export type ResumeTarget = { kind: 'tcp'; host: string; port: number; secure?: boolean; tls?: TlsClientCreds } | { kind: 'file'; path: string };
 
-/** Parses `tcp:HOST:PORT` or a path (`save=PATH` / `--from PATH`). */
+/** Parses `tcp:HOST:PORT`, `tls+tcp:HOST:PORT` or a path (`save=PATH` / `--from PATH`). */
 export function parseTarget(spec: string): ResumeTarget {
-  const m = /^tcp:(\[[^\]]+\]|[^:]+):(\d+)$/.exec(spec);
-  if (m) return { kind: 'tcp', host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2]) };
-  if (spec.startsWith('tcp:')) throw new RangeError(`bad target "${spec}": expected tcp:HOST:PORT`);
+  const m = /^(tls\+)?tcp:(\[[^\]]+\]|[^:]+):(\d+)$/.exec(spec);
+  if (m) return { kind: 'tcp', host: m[2]!.replace(/^\[|\]$/g, ''), port: Number(m[3]), ...(m[1] ? { secure: true } : {}) };
+  if (/^(tls\+)?tcp:/.test(spec)) throw new RangeError(`bad target "${spec}": expected tcp:HOST:PORT or tls+tcp:HOST:PORT`);
   return { kind: 'file', path: spec };
+}
+
+/** How a target is written in log lines. */
+export function describeTarget(t: ResumeTarget): string {
+  return t.kind === 'tcp' ? `${t.secure ? 'tls+' : ''}tcp:${t.host}:${t.port}` : t.path;
 }
 
 export async function openTarget(t: ResumeTarget): Promise<Writable> {
@@ -120,6 +130,10 @@ export async function openTarget(t: ResumeTarget): Promise<Writable> {
     const w = createWriteStream(t.path);
     await once(w, 'open');
     return w;
+  }
+  if (t.secure) {
+    if (!t.tls) throw new RangeError(`${describeTarget(t)}: TLS target without client credentials (--resume-tls-creds DIR)`);
+    return connectTls(t.host, t.port, t.tls);
   }
   const s: Socket = connect({ host: t.host, port: t.port, noDelay: true });
   await once(s, 'connect');
