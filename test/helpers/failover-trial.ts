@@ -49,6 +49,12 @@ export interface TrialOptions {
   guest?: GuestImage;
   /** QEMU binary for the primary and the destination (default qemuBinary(): 7.2 or $QEMU). */
   binary?: string;
+  /**
+   * Everything over TLS: the primary as a QEMU TLS client, the receiver with --tls-creds, and
+   * the destination waiting with `-incoming defer` + tls-creds endpoint=server (verify-peer on),
+   * into which the receiver migrates as a TLS client (resume=tls+tcp:, --resume-tls-creds).
+   */
+  tls?: { serverDir: string; clientDir: string; clientDn: string };
 }
 
 export interface FileCheck {
@@ -247,14 +253,21 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
       devices: ['virtio-net-pci,netdev=n0,romfile='],
       incoming: `tcp:127.0.0.1:${destPort}`,
       ...(o.binary ? { binary: o.binary } : {}),
+      incoming: o.tls ? 'defer' : `tcp:127.0.0.1:${destPort}`,
+      ...(o.tls ? { extra: ['-object', `tls-creds-x509,id=tls0,dir=${o.tls.serverDir},endpoint=server,verify-peer=on`] } : {}),
     });
     cleanups.push(() => dest.kill());
     const dq = await dest.qmp();
+    if (o.tls) {
+      await dq.execute('migrate-set-parameters', { 'tls-creds': 'tls0' });
+      await dq.execute('migrate-incoming', { uri: `tcp:127.0.0.1:${destPort}` });
+    }
 
     // --- receiver
     const statsPath = join(dir, 'stats.json');
     const recv = ReceiverProcess.start([
-      '--multifd-channels', String(channels), '--on-failover', `resume=tcp:127.0.0.1:${destPort}`, '--stats-json', statsPath,
+      '--multifd-channels', String(channels), '--on-failover', `resume=${o.tls ? 'tls+' : ''}tcp:127.0.0.1:${destPort}`, '--stats-json', statsPath,
+      ...(o.tls ? ['--tls-creds', o.tls.serverDir, '--tls-authz', o.tls.clientDn.replace(/,/g, ',,'), '--resume-tls-creds', o.tls.clientDir] : []),
     ]);
     recvRef = recv;
     cleanups.push(() => recv.kill());
@@ -265,9 +278,10 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
       guest, runDir: dir, memMiB: 512, checkpointDelayMs: delayMs, nodelay: true, append: 'colo.keep=0',
       ...(channels ? { multifd: { channels } } : {}),
       ...(o.binary ? { binary: o.binary } : {}),
+      ...(o.tls ? { extraArgs: ['-object', `tls-creds-x509,id=tls0,dir=${o.tls.clientDir},endpoint=client,verify-peer=on`] } : {}),
     });
     cleanups.push(() => primary.kill());
-    await primary.migrate(`tcp:127.0.0.1:${port}`, { parameters: { 'max-bandwidth': 10_000_000_000 } });
+    await primary.migrate(`tcp:127.0.0.1:${port}`, { parameters: { 'max-bandwidth': 10_000_000_000, ...(o.tls ? { 'tls-creds': 'tls0', 'tls-hostname': 'colo-receiver' } : {}) } });
     await primary.waitColo(120_000);
     const upload = new UploadWorkload({
       port: primary.uploadPort, rateMBps: o.rateMBps ?? 30, fileBytes: o.fileBytes ?? 3 << 20,

@@ -38,6 +38,12 @@ export interface PrecopyRunOptions {
   noChannelOption?: boolean;
   /** QEMU 9.0+ `zero-page-detection` parameter: 'multifd' (default there) or 'legacy'. */
   zeroPageDetection?: 'multifd' | 'legacy';
+  /** More receiver options (e.g. --tls-creds). */
+  receiverArgs?: string[];
+  /** More QEMU arguments for the source (e.g. a tls-creds-x509 object). */
+  sourceArgs?: string[];
+  /** More migrate-set-parameters (e.g. tls-creds, tls-hostname). */
+  parameters?: Record<string, unknown>;
 }
 
 export async function precopyIntoReceiver(name: string, a: Buffer, b: Buffer, cleanups: (() => unknown)[],
@@ -50,6 +56,7 @@ export async function precopyIntoReceiver(name: string, a: Buffer, b: Buffer, cl
     '--dump-ram', join(dir, 'dump'), '--stats-json', join(dir, 'stats.json'),
     ...(run.noChannelOption ? [] : ['--multifd-channels', String(multifd?.channels ?? 0)]),
     '--compression', multifd?.compression ?? 'none',
+    ...(run.receiverArgs ?? []),
   ]);
   cleanups.push(() => recv.kill());
   const port = await recv.port();
@@ -58,12 +65,14 @@ export async function precopyIntoReceiver(name: string, a: Buffer, b: Buffer, cl
     loaderFiles: [{ path: join(dir, 'a.bin'), addr: 0x100000 }, { path: join(dir, 'b.bin'), addr: 0xc800000 }],
     ...(multifd ? { multifd } : {}),
     ...(run.binary ? { binary: run.binary } : {}),
+    ...(run.sourceArgs ? { extraArgs: run.sourceArgs } : {}),
   });
   cleanups.push(() => src.kill());
   await src.stop();
   await src.migrate(`tcp:127.0.0.1:${port}`, { parameters: {
     'max-bandwidth': 10_000_000_000,
     ...(run.zeroPageDetection ? { 'zero-page-detection': run.zeroPageDetection } : {}),
+    ...run.parameters,
   } });
   try {
     await src.waitMigrationDone(120_000);
