@@ -3,7 +3,7 @@
 // channel), client certificates verified against the CA unless verify-peer is off, and an
 // optional list of allowed client distinguished names (QEMU's tls-authz with authz-list).
 import { readFile, access } from 'node:fs/promises';
-import { X509Certificate } from 'node:crypto';
+import { constants as cryptoConstants, X509Certificate } from 'node:crypto';
 import { join } from 'node:path';
 import type { Socket } from 'node:net';
 import { checkServerIdentity, connect as tlsConnect, createSecureContext, createServer as createTlsServer, type TLSSocket } from 'node:tls';
@@ -136,6 +136,13 @@ const NOT_TLS = new Set(['ERR_SSL_WRONG_VERSION_NUMBER', 'ERR_SSL_HTTP_REQUEST',
 export async function acceptTls(raw: Socket, cfg: TlsServerConfig, timeoutMs: number): Promise<TlsAcceptResult> {
   const srv = createTlsServer({
     ...cfg.pem, requestCert: cfg.verifyPeer, rejectUnauthorized: false,
+    // TLS 1.2 at most, without tickets. Under TLS 1.3 OpenSSL sends NewSessionTicket records
+    // after the handshake (node cannot set their number to 0); a QEMU source never reads its
+    // migration channels (precopy has no return path, multifd never reads), so they sit
+    // unread there, and when QEMU closes the socket its kernel answers with a reset that
+    // discards stream bytes we have not read yet. Seen with 7.2: ECONNRESET on the main
+    // channel at 147 KB of a completed migration. TLS 1.2 sends nothing after Finished.
+    maxVersion: 'TLSv1.2', secureOptions: cryptoConstants.SSL_OP_NO_TICKET,
     // our own timer below decides; node's default (120 s) only as a backstop when ours is off
     handshakeTimeout: timeoutMs > 0 ? timeoutMs + 1000 : 120_000,
   });

@@ -78,7 +78,9 @@ export function makePki(): Pki {
   const clientDir = dir('client', [['ca-cert.pem', 'ca-cert.pem'], ['client-cert.pem', 'client-cert.pem'], ['client-key.pem', 'client-key.pem']]);
   const otherDnDir = dir('other', [['ca-cert.pem', 'ca-cert.pem'], ['other-cert.pem', 'client-cert.pem'], ['other-key.pem', 'client-key.pem']]);
   // the foreign client trusts our CA (it can verify us) but its own certificate is not ours
-  const foreignDir = dir('foreign', [['ca-cert.pem', 'ca-cert.pem'], ['foreign-cert.pem', 'client-cert.pem'], ['foreign-key.pem', 'client-key.pem']]);
+  // (QEMU checks its own certificate against its ca-cert.pem at startup: the bundle holds both CAs)
+  writeFileSync(join(root, 'both-cas.pem'), readFileSync(join(root, 'ca-cert.pem'), 'utf8') + readFileSync(join(root, 'foreign-ca-cert.pem'), 'utf8'));
+  const foreignDir = dir('foreign', [['both-cas.pem', 'ca-cert.pem'], ['foreign-cert.pem', 'client-cert.pem'], ['foreign-key.pem', 'client-key.pem']]);
   const noCertDir = dir('nocert', [['ca-cert.pem', 'ca-cert.pem']]);
   const read = (f: string) => readFileSync(join(root, f), 'utf8');
   return {

@@ -1,0 +1,23 @@
+import { makePki } from '/work/wt-tls/dist/test/helpers/pki.js';
+import { loadServerCreds } from '/work/wt-tls/dist/src/net/tls.js';
+import { listenForMigration } from '/work/wt-tls/dist/src/net/listener.js';
+import { IncomingMigration } from '/work/wt-tls/dist/src/migration/incoming.js';
+import pino from 'pino';
+import net from 'node:net'; import tls from 'node:tls'; import fs from 'node:fs'; import {join} from 'node:path';
+const t0=Date.now(); const pki = makePki(); console.log('pki ms', Date.now()-t0);
+const log = pino({level:'debug'});
+const mig = new IncomingMigration({threads:1, log, multifdChannels:0});
+const cfg = await loadServerCreds(pki.serverDir, {authz:[pki.clientDn]});
+const server = await listenForMigration(mig, {port:0, log, identifyTimeoutMs:1000, tls: cfg, onRefused:(r,p)=>console.log('REFUSED',r)});
+const port = server.address().port;
+const plain = (b)=>new Promise(r=>{const s=net.connect(port,'127.0.0.1',()=>s.write(b)); s.on('close',r); s.on('error',()=>{});});
+await plain(Buffer.from('QEVM\0\0\0\x03'));
+await plain(Buffer.from([0x11,0x22,0x33,0x44,0,0,0,1]));
+await plain(Buffer.alloc(0));
+const tc = (dir, write)=>new Promise(r=>{const o={host:'127.0.0.1',port, ca:fs.readFileSync(join(dir,'ca-cert.pem')), servername:'colo-receiver'}; if(fs.existsSync(join(dir,'client-cert.pem'))){o.cert=fs.readFileSync(join(dir,'client-cert.pem'));o.key=fs.readFileSync(join(dir,'client-key.pem'));}
+ const s=tls.connect(o,()=>{ if(write) s.write(write);}); s.on('close',r); s.on('error',(e)=>console.log('client err',e.code));});
+await tc(pki.noCertDir);
+await tc(pki.foreignDir);
+await tc(pki.otherDnDir);
+await tc(pki.clientDir, Buffer.from('GET /'));
+server.close(); await mig.close();
