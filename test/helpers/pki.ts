@@ -37,6 +37,8 @@ export interface Pki {
   otherDn: string;
   /** A client certificate signed by an unrelated CA. */
   foreignDir: string;
+  /** A client certificate signed by a CA with our CA's name but another key. */
+  impostorDir: string;
   /** Only ca-cert.pem: a client that presents no certificate. */
   noCertDir: string;
   /** The raw PEMs for node:tls clients. */
@@ -64,10 +66,15 @@ export function makePki(): Pki {
   writeFileSync(join(root, 'ext.cnf'), `[req]\ndistinguished_name = dn\n[dn]\n${EXT}`);
   ca(root, 'ca', '/C=GB/O=colo-test/CN=colo test CA');
   ca(root, 'foreign-ca', '/C=GB/O=elsewhere/CN=another CA');
+  // same subject as our CA, another key: a TLS 1.2 client (gnutls) picks its certificate by the
+  // issuer names in our CertificateRequest, so only an impostor of our CA's name gets its
+  // certificate sent to us by QEMU; a plainly foreign one is withheld (no client certificate)
+  ca(root, 'impostor-ca', '/C=GB/O=colo-test/CN=colo test CA');
   leaf(root, 'server', '/C=GB/O=colo-test/CN=colo-receiver', 'ca', 'server');
   leaf(root, 'client', '/C=GB/O=colo-test/CN=primary.example', 'ca', 'client');
   leaf(root, 'other', '/C=GB/O=colo-test/CN=intruder.example', 'ca', 'client');
   leaf(root, 'foreign', '/C=GB/O=colo-test/CN=primary.example', 'foreign-ca', 'client');
+  leaf(root, 'impostor', '/C=GB/O=colo-test/CN=primary.example', 'impostor-ca', 'client');
   const dir = (name: string, files: [string, string][]) => {
     const d = join(root, name);
     mkdirSync(d);
@@ -81,10 +88,12 @@ export function makePki(): Pki {
   // (QEMU checks its own certificate against its ca-cert.pem at startup: the bundle holds both CAs)
   writeFileSync(join(root, 'both-cas.pem'), readFileSync(join(root, 'ca-cert.pem'), 'utf8') + readFileSync(join(root, 'foreign-ca-cert.pem'), 'utf8'));
   const foreignDir = dir('foreign', [['both-cas.pem', 'ca-cert.pem'], ['foreign-cert.pem', 'client-cert.pem'], ['foreign-key.pem', 'client-key.pem']]);
+  writeFileSync(join(root, 'ours-and-impostor.pem'), readFileSync(join(root, 'ca-cert.pem'), 'utf8') + readFileSync(join(root, 'impostor-ca-cert.pem'), 'utf8'));
+  const impostorDir = dir('impostor', [['ours-and-impostor.pem', 'ca-cert.pem'], ['impostor-cert.pem', 'client-cert.pem'], ['impostor-key.pem', 'client-key.pem']]);
   const noCertDir = dir('nocert', [['ca-cert.pem', 'ca-cert.pem']]);
   const read = (f: string) => readFileSync(join(root, f), 'utf8');
   return {
-    root, serverDir, clientDir, otherDnDir, foreignDir, noCertDir,
+    root, serverDir, clientDir, otherDnDir, foreignDir, impostorDir, noCertDir,
     // gnutls_x509_crt_get_dn order: as encoded (C, O, CN here)
     clientDn: 'C=GB,O=colo-test,CN=primary.example', otherDn: 'C=GB,O=colo-test,CN=intruder.example',
     ca: read('ca-cert.pem'), clientCert: read('client-cert.pem'), clientKey: read('client-key.pem'),

@@ -52,7 +52,8 @@ export async function tlsAttempt(port: number, opts: tls.ConnectionOptions, byte
   const s = tls.connect({ host: '127.0.0.1', port, ...opts });
   s.on('error', () => undefined);
   s.once('secureConnect', () => { if (bytes.length) s.write(bytes); });
-  await once(s, 'close');
+  // not once(): it rejects on 'error', and a refused client may well see one
+  await new Promise((r) => s.once('close', r));
 }
 
 /** A plain TCP connection that writes `bytes` and waits until the receiver closes it. */
@@ -61,5 +62,5 @@ export async function plainAttempt(port: number, bytes: Buffer): Promise<void> {
   s.on('error', () => undefined);
   await once(s, 'connect');
   if (bytes.length) s.write(bytes);
-  await once(s, 'close');
+  await new Promise((r) => s.once('close', r));
 }

@@ -100,6 +100,7 @@ describe('TLS listener (--tls-creds)', { timeout: 180_000 }, () => {
         ['tls-plaintext', () => plainAttempt(r.port, header)],
         ['tls-no-client-cert', () => tlsAttempt(r.port, clientOptions(pki.noCertDir), header)],
         ['tls-untrusted-cert', () => tlsAttempt(r.port, clientOptions(pki.foreignDir), header)],
+        ['tls-untrusted-cert', () => tlsAttempt(r.port, clientOptions(pki.impostorDir), header)],
         ['tls-authz-denied', () => tlsAttempt(r.port, clientOptions(pki.otherDnDir), header)],
         ['tls-handshake-timeout', () => plainAttempt(r.port, Buffer.alloc(0))],
       ];
