@@ -13,7 +13,7 @@ import { mkdirSync, readFileSync } from 'node:fs';
 import { cpus, loadavg, release } from 'node:os';
 import { join, relative, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { ensureGuest, ensureShim, haveQemu, projectRoot, qemuBinaryFor, qemuMissing, qemuVersion, qemuVersionNumbers } from '../src/harness/index.js';
+import { ensureGuest, ensureShim, haveQemu, makePki, projectRoot, qemuBinaryFor, qemuMissing, qemuVersion, qemuVersionNumbers } from '../src/harness/index.js';
 import { cellName, cleanupAll, runCell, type CellResult, type CellSpec, type Secondary, type Workload } from './lib/cells.js';
 import { snapshotReceiver } from './lib/receiver.js';
 import { markdown, summarize, writeReport, type RunInfo } from './lib/report.js';
@@ -34,6 +34,8 @@ const USAGE = `bench:colo options:
   --interval-ms N            x-checkpoint-delay (default 600)
   --upload-mbps N            load: upload rate into the guest (default 40)
   --nodelay-variant          also run the stock no-TCP_NODELAY cells (reported separately)
+  --tls                      also run each of our cells over TLS (tls-creds-x509, TLS 1.2), right
+                             after its plaintext twin; reported in a TLS section
   --retries N                run a failed cell again up to N times (default 1)
   --receiver-env K=V[,K=V]   extra environment for our receiver (e.g. GLIBC_TUNABLES=glibc.malloc.hugetlb=1)
   --out DIR                  default bench/results
@@ -53,6 +55,7 @@ const { values: o } = parseArgs({
     'interval-ms': { type: 'string', default: '600' },
     'upload-mbps': { type: 'string', default: '40' },
     'nodelay-variant': { type: 'boolean', default: false },
+    tls: { type: 'boolean', default: false },
     retries: { type: 'string', default: '1' },
     'receiver-env': { type: 'string' },
     out: { type: 'string', default: 'bench/results' },
@@ -151,12 +154,14 @@ const info: RunInfo = {
 log(`${info.machine.cpus} CPUs, load average ${loadStart.join(' ')}, ${info.machine.qemuVersion ?? 'no QEMU'}, Node ${process.version}`);
 const guest = primaryKind === 'qemu' ? await ensureGuest() : undefined;
 if (primaryKind === 'qemu') await ensureShim();
+const pki = o.tls ? makePki() : undefined;
 
 // Cell order: mode, workload, then ours and QEMU's back to back so both see the same machine load.
 const specs: CellSpec[] = [];
 for (const nodelay of nodelayVariant && primaryKind === 'qemu' ? [true, false] : [true]) {
   for (const channels of modes) for (const workload of workloads) for (const secondary of secondaries) {
     specs.push({ primary: primaryKind, channels, workload, secondary, nodelay });
+    if (o.tls && secondary === 'ours' && primaryKind === 'qemu') specs.push({ primary: primaryKind, channels, workload, secondary, nodelay, tls: true });
   }
 }
 log(`${specs.length} cells: ${specs.map(cellName).join(', ')}; raw runs in ${relative(root, runDir)}`);
@@ -172,7 +177,7 @@ function write(final: boolean) {
 
 for (const [i, spec] of specs.entries()) {
   log(`cell ${i + 1}/${specs.length}: ${cellName(spec)} (load average ${loadavg()[0]!.toFixed(2)})`);
-  const cfg = { ramMiB, intervalMs, warmup, checkpoints, uploadMBps, ...(guest ? { guest } : {}), runDir, receiverCli, receiverEnv, qemu: qemuCfg, log };
+  const cfg = { ramMiB, intervalMs, warmup, checkpoints, uploadMBps, ...(guest ? { guest } : {}), ...(pki ? { pki } : {}), runDir, receiverCli, receiverEnv, qemu: qemuCfg, log };
   let r = await runCell(spec, cfg);
   for (let k = 0; k < retries && !r.ok; k++) {
     log(`  ${r.name} failed (${r.error}); running it again`);

@@ -8,6 +8,7 @@ import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
   startColoPrimary,
+  type Pki,
   startQemuSecondary,
   UploadWorkload,
   type ColoPrimary,
@@ -39,6 +40,8 @@ export interface CellSpec {
   secondary: Secondary;
   /** TCP_NODELAY on QEMU's sockets (shim). Ours always sets it on its own sockets. */
   nodelay: boolean;
+  /** Every channel over TLS (tls-creds-x509 on the primary, --tls-creds on ours; ours only). */
+  tls?: boolean;
 }
 
 export interface CellConfig {
@@ -59,6 +62,8 @@ export interface CellConfig {
    * redirect). Default: the system's 7.2 with the shim's redirect.
    */
   qemu?: { binary: string; colo10: boolean };
+  /** Certificates for the TLS cells (made once per run). */
+  pki?: Pki;
   log: (msg: string) => void;
 }
 
@@ -94,7 +99,7 @@ export function modeName(channels: number): string {
 }
 
 export function cellName(s: CellSpec): string {
-  return `${s.primary === 'synthetic' ? 'synthetic-' : ''}${modeName(s.channels)}-${s.workload}-${s.secondary}${s.nodelay ? '' : '-stock'}`;
+  return `${s.primary === 'synthetic' ? 'synthetic-' : ''}${modeName(s.channels)}-${s.workload}-${s.secondary}${s.tls ? '-tls' : ''}${s.nodelay ? '' : '-stock'}`;
 }
 
 const cleanups = new Set<() => unknown>();
@@ -143,8 +148,10 @@ async function qemuCell(spec: CellSpec, cfg: CellConfig, runDir: string, res: Ce
   let sec: QemuSecondary | undefined;
   let uri: string;
   if (spec.secondary === 'ours') {
+    if (spec.tls && !cfg.pki) throw new Error('a TLS cell needs cfg.pki');
     recv = ReceiverChild.start(['--multifd-channels', String(spec.channels), '--stats-json', join(runDir, 'stats.json'),
-      '--checkpoints-csv', csv], join(runDir, 'receiver.log'), cfg.receiverCli, cfg.receiverEnv);
+      '--checkpoints-csv', csv, ...(spec.tls ? ['--tls-creds', cfg.pki!.serverDir, '--tls-authz', cfg.pki!.clientDn.replace(/,/g, ',,')] : [])],
+      join(runDir, 'receiver.log'), cfg.receiverCli, cfg.receiverEnv);
     const r = recv;
     track(() => r.kill());
     uri = `tcp:127.0.0.1:${await recv.port()}`;
@@ -161,13 +168,14 @@ async function qemuCell(spec: CellSpec, cfg: CellConfig, runDir: string, res: Ce
   const primary: ColoPrimary = await startColoPrimary({
     guest, runDir, memMiB: cfg.ramMiB, checkpointDelayMs: cfg.intervalMs, nodelay: spec.nodelay, ...(multifd ? { multifd } : {}),
     ...(cfg.qemu ? { binary: cfg.qemu.binary } : {}),
+    ...(spec.tls ? { extraArgs: ['-object', `tls-creds-x509,id=tls0,dir=${cfg.pki!.clientDir},endpoint=client,verify-peer=on`] } : {}),
   });
   track(() => primary.kill());
   res.bootMs = primary.bootMs;
   const alsoAlive = sec ? [sec.proc] : [];
   const tm = Date.now();
   // max-bandwidth only paces the initial precopy (a COLO checkpoint is not rate limited): same on both sides.
-  await primary.migrate(uri, { parameters: { 'max-bandwidth': 10_000_000_000 } });
+  await primary.migrate(uri, { parameters: { 'max-bandwidth': 10_000_000_000, ...(spec.tls ? { 'tls-creds': 'tls0', 'tls-hostname': 'colo-receiver' } : {}) } });
   await primary.waitColo(180_000);
   res.coloAfterMs = Date.now() - tm;
   const perCkpt = cfg.intervalMs + 2000;

@@ -86,7 +86,7 @@ export function summarize(c: CellResult): CellSummary {
   }
   const mb = cp.map((x) => (x.dirtyPages ?? NaN) * MiB4K / 1e6);
   const s: CellSummary = {
-    name: c.name, spec: { primary: c.primary, channels: c.channels, workload: c.workload, secondary: c.secondary, nodelay: c.nodelay },
+    name: c.name, spec: { primary: c.primary, channels: c.channels, workload: c.workload, secondary: c.secondary, nodelay: c.nodelay, ...(c.tls ? { tls: true } : {}) },
     ok: c.ok, n: cp.length, mbPerCheckpoint: dist(mb), metrics, loadavgStart: c.loadavgStart, loadavgEnd: c.loadavgEnd,
   };
   if (c.error) s.error = c.error;
@@ -100,7 +100,8 @@ export function summarize(c: CellResult): CellSummary {
 }
 
 function find(ss: CellSummary[], channels: number, workload: string, secondary: string, nodelay: boolean): CellSummary | undefined {
-  return ss.find((s) => s.spec.channels === channels && s.spec.workload === workload && s.spec.secondary === secondary && s.spec.nodelay === nodelay && s.n > 0);
+  // the TLS cells have a section of their own; the main tables compare plaintext cells
+  return ss.find((s) => s.spec.channels === channels && s.spec.workload === workload && s.spec.secondary === secondary && s.spec.nodelay === nodelay && !s.spec.tls && s.n > 0);
 }
 
 function seedRow(channels: number): { idleMean: number; idleP99: number; loadMean: number; loadP99: number } | undefined {
@@ -222,6 +223,18 @@ export function markdown(info: RunInfo, results: CellResult[], chartFiles: Chart
       }
       L.push('');
     }
+  }
+  if (ss.some((s) => s.spec.tls)) {
+    L.push('## TLS (ours, every channel over TLS 1.2: tls-creds-x509 on the primary, --tls-creds)', '');
+    L.push('Each TLS cell ran right after its plaintext twin. Means in ms; the primary\'s clock for the whole checkpoint (REQUEST→LOADED, its VM stopped).', '');
+    L.push('| cell | transfer plain | transfer TLS | TLS / plain | p99 plain | p99 TLS | pause (primary) plain | pause TLS | +ms per checkpoint | MB/ckpt plain / TLS |', '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
+    for (const t of ss.filter((s) => s.spec.tls && s.n > 0)) {
+      const p = ss.find((s) => !s.spec.tls && s.spec.secondary === t.spec.secondary && s.spec.channels === t.spec.channels && s.spec.workload === t.spec.workload && s.spec.nodelay === t.spec.nodelay && s.n > 0);
+      const a = p?.metrics.transferMs, b = t.metrics.transferMs;
+      const pa = p?.metrics.primaryRequestToLoadedMs, pb = t.metrics.primaryRequestToLoadedMs;
+      L.push(`| ${t.name} | ${ms(a?.mean)} | ${ms(b?.mean)} | ${a && b ? (b.mean / a.mean).toFixed(2) + '×' : '–'} | ${ms(a?.p99)} | ${ms(b?.p99)} | ${ms(pa?.mean)} | ${ms(pb?.mean)} | ${pa && pb ? (pb.mean - pa.mean).toFixed(2) : '–'} | ${p ? p.mbPerCheckpoint.mean.toFixed(1) : '–'} / ${t.mbPerCheckpoint.mean.toFixed(1)} |`);
+    }
+    L.push('');
   }
   if (info.config.nodelayVariant && results.some((r) => !r.nodelay)) {
     L.push('## Stock QEMU 7.2 sockets (no TCP_NODELAY on the primary, nor on QEMU\'s secondary)', '');

@@ -251,7 +251,6 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
       kernel: guest.kernel, initrd: guest.initrd, append: guestAppend(),
       netdevs: [`user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:${destShell}-:5001`],
       devices: ['virtio-net-pci,netdev=n0,romfile='],
-      incoming: `tcp:127.0.0.1:${destPort}`,
       ...(o.binary ? { binary: o.binary } : {}),
       incoming: o.tls ? 'defer' : `tcp:127.0.0.1:${destPort}`,
       ...(o.tls ? { extra: ['-object', `tls-creds-x509,id=tls0,dir=${o.tls.serverDir},endpoint=server,verify-peer=on`] } : {}),

@@ -17,7 +17,7 @@ import { loadClientCreds, loadServerCreds, parseAuthzList, type TlsServerConfig 
 import { imageStream, parseTarget, sendImage } from '../../src/restore/image-stream.js';
 import { SyntheticSource } from '../../src/sender/source.js';
 import { compareImage } from '../../src/verify/compare.js';
-import { makePki, type Pki } from '../helpers/pki.js';
+import { makePki, type Pki } from '../../src/harness/pki.js';
 import { modelImage } from '../helpers/synthetic.js';
 import { capturingLogger, clientOptions, plainAttempt, tlsAttempt, tlsProxy } from '../helpers/tls-clients.js';
 

@@ -17,7 +17,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import { ensureGuest, haveQemu, startColoPrimary, startPrecopySource, UploadWorkload } from '../../src/harness/index.js';
 import { describeTrial, runFailoverTrial } from '../helpers/failover-trial.js';
-import { makePki, type Pki } from '../helpers/pki.js';
+import { makePki, type Pki } from '../../src/harness/pki.js';
 import { assertSameRam, PRECOPY_MEM, precopyIntoReceiver } from '../helpers/qemu-precopy.js';
 import { ReceiverProcess } from '../helpers/receiver-process.js';
 

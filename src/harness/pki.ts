@@ -1,4 +1,4 @@
-// Throwaway x509 PKIs for the TLS tests, made with Debian's openssl at test time (no key is
+// Throwaway x509 PKIs for the TLS tests and the bench:colo --tls cells, made with Debian's openssl at test time (no key is
 // ever committed), laid out the way QEMU's tls-creds-x509 reads a directory.
 import { execFileSync } from 'node:child_process';
 import { cpSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
