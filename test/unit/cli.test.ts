@@ -16,7 +16,23 @@ describe('colo-receiver CLI', () => {
     }
   });
 
+  test('--help documents TLS, failover over TLS, metrics; restore --help its TLS options', () => {
+    const r = run('listen', '--help');
+    for (const o of ['--tls-creds DIR', '--tls-no-verify-peer', '--tls-authz DN', '--resume-tls-creds DIR', '--resume-tls-hostname NAME', 'resume=tls+tcp:HOST:PORT', '--metrics HOST:PORT']) {
+      assert.ok(r.stdout.includes(o), `--help mentions ${o}`);
+    }
+    const rr = run('restore', '--help');
+    assert.equal(rr.status, 0);
+    assert.match(rr.stdout, /tls\+tcp:HOST:PORT.*--tls-creds DIR.*--tls-hostname NAME/);
+  });
+
   for (const [args, msg] of [
+    [['--tls-creds', '/nonexistent-colo-tls'], /cannot read \/nonexistent-colo-tls\/ca-cert\.pem/],
+    [['--tls-authz', 'CN=a'], /--tls-authz and --tls-no-verify-peer need --tls-creds/],
+    [['--tls-authz', 'CN=a,,junk'], /not a DN/],
+    [['--on-failover', 'resume=tls+tcp:127.0.0.1:5555'], /needs --resume-tls-creds/],
+    [['--on-failover', 'resume=tcp:127.0.0.1:5555', '--resume-tls-creds', '/tmp'], /--resume-tls-creds is for resume=tls\+tcp/],
+    [['--metrics', 'nowhere:'], /--metrics must be HOST:PORT or PORT/],
     [['--heartbeat-timeout', 'soon'], /--heartbeat-timeout must be auto or milliseconds/],
     [['--max-command', '70000'], /--max-command must be an integer in 0\.\.65536/],
     [['--max-packet-payload', String(2 ** 20 + 1)], /--max-packet-payload must be an integer in 1\.\.1048576/],
