@@ -227,12 +227,18 @@ export function markdown(info: RunInfo, results: CellResult[], chartFiles: Chart
   if (ss.some((s) => s.spec.tls)) {
     L.push('## TLS (ours, every channel over TLS 1.2: tls-creds-x509 on the primary, --tls-creds)', '');
     L.push('Each TLS cell ran right after its plaintext twin. Means in ms; the primary\'s clock for the whole checkpoint (REQUEST→LOADED, its VM stopped).', '');
-    L.push('| cell | transfer plain | transfer TLS | TLS / plain | p99 plain | p99 TLS | pause (primary) plain | pause TLS | +ms per checkpoint | MB/ckpt plain / TLS |', '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
+    L.push('| cell | transfer plain | transfer TLS | TLS / plain | p99 plain | p99 TLS | pause (primary) plain | pause TLS | +ms per checkpoint | MB/ckpt plain / TLS | transfer ms/MB plain / TLS (ckpts ≥ 1 MB) |', '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
+    // the cells move different amounts (the upload rate varies): per MB is the fairer figure
+    const perMb = (name: string | undefined) => {
+      const v = (results.find((x) => x.name === name)?.checkpoints ?? []).filter((c) => c.transferMs !== undefined && (c.dirtyPages ?? 0) * MiB4K >= 1e6)
+        .map((c) => c.transferMs! / ((c.dirtyPages! * MiB4K) / 1e6));
+      return v.length ? (sum(v) / v.length).toFixed(2) : '–';
+    };
     for (const t of ss.filter((s) => s.spec.tls && s.n > 0)) {
       const p = ss.find((s) => !s.spec.tls && s.spec.secondary === t.spec.secondary && s.spec.channels === t.spec.channels && s.spec.workload === t.spec.workload && s.spec.nodelay === t.spec.nodelay && s.n > 0);
       const a = p?.metrics.transferMs, b = t.metrics.transferMs;
       const pa = p?.metrics.primaryRequestToLoadedMs, pb = t.metrics.primaryRequestToLoadedMs;
-      L.push(`| ${t.name} | ${ms(a?.mean)} | ${ms(b?.mean)} | ${a && b ? (b.mean / a.mean).toFixed(2) + '×' : '–'} | ${ms(a?.p99)} | ${ms(b?.p99)} | ${ms(pa?.mean)} | ${ms(pb?.mean)} | ${pa && pb ? (pb.mean - pa.mean).toFixed(2) : '–'} | ${p ? p.mbPerCheckpoint.mean.toFixed(1) : '–'} / ${t.mbPerCheckpoint.mean.toFixed(1)} |`);
+      L.push(`| ${t.name} | ${ms(a?.mean)} | ${ms(b?.mean)} | ${a && b ? (b.mean / a.mean).toFixed(2) + '×' : '–'} | ${ms(a?.p99)} | ${ms(b?.p99)} | ${ms(pa?.mean)} | ${ms(pb?.mean)} | ${pa && pb ? (pb.mean - pa.mean).toFixed(2) : '–'} | ${p ? p.mbPerCheckpoint.mean.toFixed(1) : '–'} / ${t.mbPerCheckpoint.mean.toFixed(1)} | ${perMb(p?.name)} / ${perMb(t.name)} |`);
     }
     L.push('');
   }
