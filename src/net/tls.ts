@@ -158,6 +158,7 @@ export async function acceptTls(raw: Socket, cfg: TlsServerConfig, timeoutMs: nu
   if (outcome === 'timeout') return { ok: false, reason: 'tls-handshake-timeout', detail: `no TLS handshake within ${timeoutMs} ms` };
   if (outcome instanceof Error) {
     const code = (outcome as NodeJS.ErrnoException).code ?? '';
+    if (code === 'ERR_TLS_HANDSHAKE_TIMEOUT') return { ok: false, reason: 'tls-handshake-timeout', detail: 'no TLS handshake within node\'s handshakeTimeout' };
     if (NOT_TLS.has(code)) return { ok: false, reason: 'tls-plaintext', detail: `not a TLS client (${code}): a source without tls-creds?` };
     return { ok: false, reason: 'tls-handshake', detail: `TLS handshake failed: ${code ? code + ': ' : ''}${outcome.message}` };
   }
