@@ -9,6 +9,7 @@
 // resumed guest.
 //
 // Shared by test/qemu/failover.test.ts (3 trials) and scripts/failover-trials.mjs (N trials).
+import { spawnSync } from 'node:child_process';
 import { once } from 'node:events';
 import fs from 'node:fs';
 import { Worker } from 'node:worker_threads';
@@ -49,6 +50,13 @@ export interface TrialOptions {
   guest?: GuestImage;
   /** QEMU binary for the primary and the destination (default qemuBinary(): 7.2 or $QEMU). */
   binary?: string;
+  /**
+   * Give the VM a replicated disk (README "Disks"): the primary's ext4 image behind a quorum
+   * with the replication/NBD child to the receiver (`--nbd`/`--disk`), uploads stored on it and
+   * synced; the destination resumes with the receiver's PATH. Extra checks: files read back
+   * with the guest's page cache dropped (from the disk), and e2fsck of the committed image.
+   */
+  disk?: boolean;
 }
 
 export interface FileCheck {
@@ -96,14 +104,51 @@ export interface TrialResult {
   anomalies: string[];
   intact: boolean;
   totalMs: number;
+  /** disk trials: NBD commands the receiver got from QEMU, by type; e2fsck of PATH after the trial. */
+  nbd?: { commands: Record<string, number>; options: Record<string, number>; commitMs?: unknown; applyMs?: unknown; bytesPerCheckpoint?: unknown };
+  fsck?: string;
 }
 
 const BAD_KERNEL_RE = /Oops|BUG:|Kernel panic|general protection/;
 const HB_RE = /HB (\d+)/g;
 
-function guestAppend(): string {
+function guestAppend(disk = false): string {
   // colo.keep=0: the guest keeps every uploaded file, so all confirmed ones can be read back.
-  return 'console=ttyS0 init_on_free=1 colo.keep=0';
+  return `console=ttyS0 init_on_free=1 colo.keep=0${disk ? ' colo.sink=disk' : ''}`;
+}
+
+/** Disk of the test VM: sparse, ext4 with 4 KiB blocks, inode tables and journal written now (no lazy init traffic later). */
+const DISK_BYTES = 512 << 20;
+/** The guest's virtio-blk sits at the same PCI address on the primary and the destination. */
+const DISK_DEVICE = 'virtio-blk-pci,drive=colo-disk0,id=vblk0,addr=0x6';
+
+function run(cmd: string, args: string[]): { code: number; out: string } {
+  const r = spawnSync(cmd, args, { encoding: 'utf8' });
+  if (r.error) throw r.error;
+  return { code: r.status ?? -1, out: `${r.stdout}${r.stderr}`.trim() };
+}
+
+/** A fresh ext4 image (mkfs.ext4 from e2fsprogs on the host). */
+export function makeExt4Image(file: string, bytes = DISK_BYTES): void {
+  fs.closeSync(fs.openSync(file, 'w'));
+  fs.truncateSync(file, bytes);
+  const r = run('mkfs.ext4', ['-F', '-q', '-b', '4096', '-E', 'lazy_itable_init=0,lazy_journal_init=0', file]);
+  if (r.code !== 0) throw new Error(`mkfs.ext4 ${file}: ${r.out}`);
+}
+
+/** e2fsck of a copy of `file` (the journal replayed first, as a mount would): '' when clean, else why. */
+export function fsckProblem(file: string, scratch: string): { problem: string; report: string } {
+  fs.copyFileSync(file, scratch);
+  try {
+    const a = run('e2fsck', ['-f', '-y', scratch]);
+    const b = run('e2fsck', ['-f', '-n', scratch]);
+    const report = `e2fsck -fy exit ${a.code}, then -fn exit ${b.code}`;
+    // 0/1 on the first pass: clean, or only the journal replay / orphan cleanup a mount does too.
+    if ((a.code & ~1) !== 0 || b.code !== 0) return { problem: `${report}: ${a.out.slice(-800)} | ${b.out.slice(-800)}`, report };
+    return { problem: '', report };
+  } finally {
+    fs.rmSync(scratch, { force: true });
+  }
 }
 
 function hbNumbers(serial: string): number[] {
@@ -190,6 +235,30 @@ export async function killOnTrace(o: { file: string; needle: string; delayMs: nu
   }
 }
 
+/** The NBD port the receiver bound (its 'NBD server listening' log line). */
+async function nbdPort(recv: ReceiverProcess): Promise<number> {
+  await recv.port();
+  return until('the receiver\'s NBD port', 10_000, 20, () => {
+    const l = recv.lines.find((x) => x.msg === 'NBD server listening');
+    return l ? Number(l.port) : undefined;
+  });
+}
+
+/**
+ * README "Disks", steps 3-4 on a running primary: stop (QEMU drains and flushes its disks),
+ * copy its image to the receiver's PATH, add the replication child (NBD to the receiver) to the
+ * quorum, continue. From here on every guest write reaches both.
+ */
+async function attachReplication(primary: ColoPrimary, diskPath: string, primaryImg: string, port: number): Promise<void> {
+  const q = await primary.qmp();
+  await q.execute('stop');
+  fs.copyFileSync(primaryImg, diskPath);
+  const out = await q.hmp(`drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,file.host=127.0.0.1,file.port=${port},file.export=colo-disk0,node-name=replication0`);
+  if (/error|fail/i.test(out)) throw new Error(`setup: drive_add: ${out}`);
+  await q.execute('x-blockdev-change', { parent: 'colo-disk0', node: 'replication0' });
+  await q.execute('cont');
+}
+
 /** sha256 of several guest files in one shell round trip: path -> hex (missing files absent). */
 async function guestSha256(shellPort: number, paths: string[]): Promise<Map<string, string>> {
   const out = new Map<string, string>();
@@ -240,13 +309,21 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
     // --- destination: a fresh QEMU with the primary's machine options, waiting for the image
     const destPort = await freePort();
     const destShell = await freePort();
+    // disk: PATH is the receiver's image; snapshot=on keeps the destination's own writes out of
+    // it, so after the trial PATH is still exactly what the receiver committed (checked by e2fsck).
+    const primaryImg = join(dir, 'primary-disk.img');
+    const diskPath = join(dir, 'receiver-disk.img');
+    // PATH exists from the start (the destination opens it now, the receiver at its start);
+    // its content is set again while the primary is stopped, just before replication begins.
+    if (o.disk) { makeExt4Image(primaryImg); fs.copyFileSync(primaryImg, diskPath); }
     const dest = QemuProcess.start({
       runDir: dir, role: 'destination', cpu: 'qemu64', memMiB: 512,
-      kernel: guest.kernel, initrd: guest.initrd, append: guestAppend(),
+      kernel: guest.kernel, initrd: guest.initrd, append: guestAppend(o.disk),
       netdevs: [`user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:${destShell}-:5001`],
-      devices: ['virtio-net-pci,netdev=n0,romfile='],
+      devices: ['virtio-net-pci,netdev=n0,romfile=', ...(o.disk ? [DISK_DEVICE] : [])],
       incoming: `tcp:127.0.0.1:${destPort}`,
       ...(o.binary ? { binary: o.binary } : {}),
+      ...(o.disk ? { extra: ['-drive', `if=none,id=colo-disk0,driver=raw,file=${diskPath},snapshot=on`] } : {}),
     });
     cleanups.push(() => dest.kill());
     const dq = await dest.qmp();
@@ -255,6 +332,7 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
     const statsPath = join(dir, 'stats.json');
     const recv = ReceiverProcess.start([
       '--multifd-channels', String(channels), '--on-failover', `resume=tcp:127.0.0.1:${destPort}`, '--stats-json', statsPath,
+      ...(o.disk ? ['--nbd', '127.0.0.1:0', '--disk', `colo-disk0=${diskPath}`] : []),
     ]);
     recvRef = recv;
     cleanups.push(() => recv.kill());
@@ -262,15 +340,22 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
 
     // --- primary, COLO, upload workload
     const primary: ColoPrimary = await startColoPrimary({
-      guest, runDir: dir, memMiB: 512, checkpointDelayMs: delayMs, nodelay: true, append: 'colo.keep=0',
+      guest, runDir: dir, memMiB: 512, checkpointDelayMs: delayMs, nodelay: true, append: o.disk ? 'colo.keep=0 colo.sink=disk' : 'colo.keep=0',
       ...(channels ? { multifd: { channels } } : {}),
       ...(o.binary ? { binary: o.binary } : {}),
+      ...(o.disk ? { extraArgs: ['-drive', `if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0.file.filename=${primaryImg},children.0.driver=raw`, '-device', DISK_DEVICE] } : {}),
     });
     cleanups.push(() => primary.kill());
+    if (o.disk) {
+      if (/mount \/dev\/vda failed/.test(primary.proc.readSerial())) throw new Error('setup: the guest could not mount its disk');
+      await attachReplication(primary, diskPath, primaryImg, await nbdPort(recv));
+      log('disk: primary stopped, image copied, replication child attached over NBD, VM continued');
+    }
     await primary.migrate(`tcp:127.0.0.1:${port}`, { parameters: { 'max-bandwidth': 10_000_000_000 } });
     await primary.waitColo(120_000);
     const upload = new UploadWorkload({
-      port: primary.uploadPort, rateMBps: o.rateMBps ?? 30, fileBytes: o.fileBytes ?? 3 << 20,
+      // disk: every file is synced through virtio-blk + quorum + NBD under TCG: slower
+      port: primary.uploadPort, rateMBps: o.rateMBps ?? (o.disk ? 6 : 30), fileBytes: o.fileBytes ?? (o.disk ? 1 << 20 : 3 << 20),
       checkpointCount: () => primary.checkpointCount(),
       // the workload's per-file ack timer is not cleared on stop(): keep it short so the
       // process can exit soon after the last trial (acks take well under a second here)
@@ -433,6 +518,8 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
     if (eligible.length === 0) problems.push(`no uploaded file old enough to check (confirmed ${confirmed.length}, committed checkpoint ${res.committed})`);
     if (dest.alive && res.failoverToRunningMs !== null) {
       try {
+        // disk: read from the disk, not from the page cache the checkpoint's RAM carries
+        if (o.disk) await guestShell(destShell, 'sync; echo 3 > /proc/sys/vm/drop_caches', { timeoutMs: 60_000 });
         const sums = await guestSha256(destShell, [...eligible, ...later].map((f) => f.remotePath));
         for (const f of eligible) {
           const got = sums.get(f.remotePath);
@@ -463,6 +550,15 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
     if (res.destStatus !== 'running') problems.push(`destination status ${res.destStatus ?? '(exited: ' + dest.stderrTail() + ')'}`);
     const destErr = dest.stderrTail();
     if (/error|failed/i.test(destErr)) problems.push(`destination QEMU stderr: ${destErr}`);
+    if (o.disk) {
+      const ds = (stats as { nbd?: TrialResult['nbd']; disks?: { commitMs?: unknown; applyMs?: unknown; bytesPerCheckpoint?: unknown }[] });
+      if (ds.nbd) res.nbd = { ...ds.nbd, commitMs: ds.disks?.[0]?.commitMs, applyMs: ds.disks?.[0]?.applyMs, bytesPerCheckpoint: ds.disks?.[0]?.bytesPerCheckpoint };
+      if (/EXT4-fs error|EXT4-fs \(vda\): error/.test(dest.readSerial())) problems.push('destination serial shows an ext4 error');
+      await dest.kill();
+      const f = fsckProblem(diskPath, join(dir, 'fsck-copy.img'));
+      res.fsck = f.report;
+      if (f.problem) problems.push(`committed disk image: ${f.problem}`);
+    }
   } finally {
     if (recvRef) fs.writeFileSync(join(dir, 'receiver.log'), recvRef.stderr);
     for (const c of cleanups.reverse()) {
@@ -486,6 +582,7 @@ export function describeTrial(r: TrialResult): string {
     `files verified ${f.verified}/${f.eligible} (confirmed ${f.confirmed}, later ones present ${f.laterPresent}/${f.laterChecked})`,
     `HB primary last ${r.hb.primaryLast}, destination ${r.hb.destFirst}..${r.hb.destLast}`,
     `failover: detected ${r.detectMs?.toFixed(0) ?? '-'} ms, streaming from ${r.streamStartMs?.toFixed(0) ?? '-'} ms, delivered ${r.deliveredMs?.toFixed(0) ?? '-'} ms (${((r.failoverBytes ?? 0) / 1e6).toFixed(0)} MB), running at ${r.failoverToRunningMs?.toFixed(0) ?? '-'} ms after the SIGKILL`,
+    ...(r.nbd ? [`disk: NBD ${JSON.stringify(r.nbd.commands)}, commit ms ${JSON.stringify(r.nbd.commitMs)}, apply ms ${JSON.stringify(r.nbd.applyMs)}, ${r.fsck}`] : []),
     `${r.intact ? 'INTACT' : 'NOT INTACT: ' + r.problems.join('; ')}${r.anomalies.length ? ' | RECEIVER ANOMALY: ' + r.anomalies.join('; ') : ''}`,
   ].join(' | ');
 }
