@@ -105,7 +105,7 @@ export interface TrialResult {
   intact: boolean;
   totalMs: number;
   /** disk trials: NBD commands the receiver got from QEMU, by type; e2fsck of PATH after the trial. */
-  nbd?: { commands: Record<string, number>; options: Record<string, number>; commitMs?: unknown; applyMs?: unknown; bytesPerCheckpoint?: unknown };
+  nbd?: { commands: Record<string, Record<string, number>>; options: Record<string, number>; commitMs?: unknown; applyMs?: unknown; bytesPerCheckpoint?: unknown };
   fsck?: string;
 }
 
