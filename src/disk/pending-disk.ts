@@ -14,6 +14,8 @@ const SLAB = 1 << 20;
 /** IOV_MAX on Linux: the most buffers one writev may carry. */
 const IOV_MAX = 1024;
 const ZERO_BLOCK = Buffer.alloc(DISK_BLOCK);
+/** pwritev calls in flight while applying an epoch (libuv's pool has 4 threads by default). */
+const APPLY_PARALLEL = 4;
 
 /** A pending block: bytes in memory, a slot in the epoch's spill file, or zeroes (null). */
 type Entry = Buffer | number | null;
@@ -290,7 +292,8 @@ export class PendingDisk {
     this.committed = k;
     if (e.blocks.size > 0) {
       this.#applying = e;
-      this.#applyDone = this.#apply(e, rec).then(
+      // Started on the next turn: even sorting the block list must not sit inside the pause.
+      this.#applyDone = new Promise<void>((r) => setImmediate(r)).then(() => this.#apply(e, rec)).then(
         () => { this.#applying = null; },
         (err: Error) => { this.#applyError = err; this.log.error({ err, checkpoint: k }, 'writing a committed checkpoint to the disk image failed; the image is not the checkpoint\'s'); },
       );
@@ -300,13 +303,19 @@ export class PendingDisk {
     if (this.records.length > 4096) this.records.splice(0, 2048);
   }
 
-  /** Writes a sealed epoch to PATH: runs of adjacent blocks as pwritev calls, then one fdatasync. */
+  /**
+   * Writes a sealed epoch to PATH: runs of adjacent blocks as pwritev calls (a few in flight,
+   * so scattered 4 KiB blocks do not wait on one thread-pool round trip each), then one fdatasync.
+   */
   async #apply(e: Epoch, rec: DiskCommitRecord): Promise<void> {
     const t0 = performance.now();
-    const keys = [...e.blocks.keys()].sort((a, b) => a - b);
-    const tmp: Buffer[] = [];
+    const keys = Float64Array.from(e.blocks.keys()).sort();
+    const inflight = new Set<Promise<void>>();
+    let failed: unknown = null;
     let i = 0;
     while (i < keys.length) {
+      if (failed) throw failed;
+      if (inflight.size >= APPLY_PARALLEL) await Promise.race(inflight);
       const first = keys[i]!;
       const bufs: Buffer[] = [];
       while (i < keys.length && keys[i] === first + bufs.length && bufs.length < IOV_MAX) {
@@ -315,36 +324,38 @@ export class PendingDisk {
         let buf: Buffer;
         if (v === null) buf = ZERO_BLOCK;
         else if (typeof v === 'number') {
+          // spilled: read back synchronously (page cache; the spill file was written moments ago)
           buf = Buffer.allocUnsafe(DISK_BLOCK);
-          await new Promise<void>((res, rej) => fs.read(e.spill.fd, buf, 0, DISK_BLOCK, v * DISK_BLOCK, (err) => (err ? rej(err) : res())));
-          tmp.push(buf);
+          fs.readSync(e.spill.fd, buf, 0, DISK_BLOCK, v * DISK_BLOCK);
         } else buf = v;
         // the image's last block may be partial
         const room = this.size - b * DISK_BLOCK;
         bufs.push(room < DISK_BLOCK ? buf.subarray(0, room) : buf);
         i++;
       }
-      const pos = first * DISK_BLOCK;
-      let want = bufs.reduce((s, x) => s + x.length, 0);
-      let { bytesWritten } = await this.#fh.writev(bufs, pos);
-      // short writes are legal: finish the run with plain writes
-      if (bytesWritten < want) {
-        const rest = Buffer.concat(bufs).subarray(bytesWritten);
-        let at = 0;
-        while (at < rest.length) {
-          const r = await this.#fh.write(rest, at, rest.length - at, pos + bytesWritten + at);
-          at += r.bytesWritten;
-        }
-        bytesWritten = want;
-      }
-      want = 0;
+      const p = this.#writeRun(bufs, first * DISK_BLOCK).catch((err: unknown) => { failed ??= err; });
+      inflight.add(p);
+      void p.finally(() => inflight.delete(p));
     }
+    await Promise.all(inflight);
+    if (failed) throw failed;
     const t1 = performance.now();
     await this.#fh.datasync();
     rec.applyMs = t1 - t0;
     rec.syncMs = performance.now() - t1;
     if (e.spillSlots > 0) fs.ftruncateSync(e.spill.fd, 0);
     this.log.debug({ checkpoint: rec.checkpoint, bytes: rec.blocks * DISK_BLOCK, applyMs: rec.applyMs, syncMs: rec.syncMs }, 'disk checkpoint written');
+  }
+
+  async #writeRun(bufs: Buffer[], pos: number): Promise<void> {
+    const want = bufs.reduce((s, x) => s + x.length, 0);
+    const { bytesWritten } = await this.#fh.writev(bufs, pos);
+    // short writes are legal: finish the run with plain writes
+    if (bytesWritten < want) {
+      const rest = Buffer.concat(bufs).subarray(bytesWritten);
+      let at = 0;
+      while (at < rest.length) at += (await this.#fh.write(rest, at, rest.length - at, pos + bytesWritten + at)).bytesWritten;
+    }
   }
 
   /** Drops the pending epoch (a checkpoint that will never commit). */
