@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+import { statSync } from 'node:fs';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { createLogger } from '../log.js';
 import type { Compression } from '../migration/multifd-packet.js';
@@ -140,6 +141,13 @@ function diskOptions(o: Record<string, string | boolean | string[] | undefined>)
   if (mode !== 'async' && mode !== 'sync') throw new UsageError(`--disk-commit must be async or sync, got ${mode}`);
   let list;
   try { list = specs.map(parseDiskSpec); } catch (e) { throw new UsageError((e as Error).message); }
+  for (const d of list) {
+    // Checked here so a wrong path is a usage error (exit 1), not a failed start.
+    let st;
+    try { st = statSync(d.path); } catch (e) { throw new UsageError(`--disk ${d.name}: ${(e as Error).message}`); }
+    if (!st.isFile() && !st.isBlockDevice()) throw new UsageError(`--disk ${d.name}: ${d.path} is not a file or block device`);
+    if (st.isFile() && st.size === 0) throw new UsageError(`--disk ${d.name}: ${d.path} is empty (PATH must be a copy of the primary's disk)`);
+  }
   const names = new Set(list.map((d) => d.name));
   if (names.size !== list.length) throw new UsageError('--disk: two disks with the same NAME');
   return {
