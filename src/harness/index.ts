@@ -5,3 +5,4 @@ export * from './guest.js';
 export * from './precopy.js';
 export * from './colo.js';
 export * from './workload.js';
+export * from './disk.js';

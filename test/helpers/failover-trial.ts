@@ -9,7 +9,6 @@
 // resumed guest.
 //
 // Shared by test/qemu/failover.test.ts (3 trials) and scripts/failover-trials.mjs (N trials).
-import { spawnSync } from 'node:child_process';
 import { once } from 'node:events';
 import fs from 'node:fs';
 import { Worker } from 'node:worker_threads';
@@ -18,7 +17,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
-  ensureGuest, freePort, guestShell, nowMs, parsePrimaryTrace, QemuProcess, startColoPrimary,
+  attachReplication, DISK_DEVICE, ensureGuest, freePort, fsckProblem, makeExt4Image, primaryDiskArgs, guestShell, nowMs, parsePrimaryTrace, QemuProcess, startColoPrimary,
   UploadWorkload, type ColoPrimary, type GuestImage, type PrimaryCheckpoint, type UploadedFile,
 } from '../../src/harness/index.js';
 import { ReceiverProcess } from './receiver-process.js';
@@ -117,40 +116,6 @@ function guestAppend(disk = false): string {
   return `console=ttyS0 init_on_free=1 colo.keep=0${disk ? ' colo.sink=disk' : ''}`;
 }
 
-/** Disk of the test VM: sparse, ext4 with 4 KiB blocks, inode tables and journal written now (no lazy init traffic later). */
-const DISK_BYTES = 512 << 20;
-/** The guest's virtio-blk sits at the same PCI address on the primary and the destination. */
-const DISK_DEVICE = 'virtio-blk-pci,drive=colo-disk0,id=vblk0,addr=0x6';
-
-function run(cmd: string, args: string[]): { code: number; out: string } {
-  const r = spawnSync(cmd, args, { encoding: 'utf8' });
-  if (r.error) throw r.error;
-  return { code: r.status ?? -1, out: `${r.stdout}${r.stderr}`.trim() };
-}
-
-/** A fresh ext4 image (mkfs.ext4 from e2fsprogs on the host). */
-export function makeExt4Image(file: string, bytes = DISK_BYTES): void {
-  fs.closeSync(fs.openSync(file, 'w'));
-  fs.truncateSync(file, bytes);
-  const r = run('mkfs.ext4', ['-F', '-q', '-b', '4096', '-E', 'lazy_itable_init=0,lazy_journal_init=0', file]);
-  if (r.code !== 0) throw new Error(`mkfs.ext4 ${file}: ${r.out}`);
-}
-
-/** e2fsck of a copy of `file` (the journal replayed first, as a mount would): '' when clean, else why. */
-export function fsckProblem(file: string, scratch: string): { problem: string; report: string } {
-  fs.copyFileSync(file, scratch);
-  try {
-    const a = run('e2fsck', ['-f', '-y', scratch]);
-    const b = run('e2fsck', ['-f', '-n', scratch]);
-    const report = `e2fsck -fy exit ${a.code}, then -fn exit ${b.code}`;
-    // 0/1 on the first pass: clean, or only the journal replay / orphan cleanup a mount does too.
-    if ((a.code & ~1) !== 0 || b.code !== 0) return { problem: `${report}: ${a.out.slice(-800)} | ${b.out.slice(-800)}`, report };
-    return { problem: '', report };
-  } finally {
-    fs.rmSync(scratch, { force: true });
-  }
-}
-
 function hbNumbers(serial: string): number[] {
   return [...serial.matchAll(HB_RE)].map((m) => Number(m[1]));
 }
@@ -244,21 +209,6 @@ async function nbdPort(recv: ReceiverProcess): Promise<number> {
   });
 }
 
-/**
- * README "Disks", steps 3-4 on a running primary: stop (QEMU drains and flushes its disks),
- * copy its image to the receiver's PATH, add the replication child (NBD to the receiver) to the
- * quorum, continue. From here on every guest write reaches both.
- */
-async function attachReplication(primary: ColoPrimary, diskPath: string, primaryImg: string, port: number): Promise<void> {
-  const q = await primary.qmp();
-  await q.execute('stop');
-  fs.copyFileSync(primaryImg, diskPath);
-  const out = await q.hmp(`drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,file.host=127.0.0.1,file.port=${port},file.export=colo-disk0,node-name=replication0`);
-  if (/error|fail/i.test(out)) throw new Error(`setup: drive_add: ${out}`);
-  await q.execute('x-blockdev-change', { parent: 'colo-disk0', node: 'replication0' });
-  await q.execute('cont');
-}
-
 /** sha256 of several guest files in one shell round trip: path -> hex (missing files absent). */
 async function guestSha256(shellPort: number, paths: string[]): Promise<Map<string, string>> {
   const out = new Map<string, string>();
@@ -343,12 +293,12 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
       guest, runDir: dir, memMiB: 512, checkpointDelayMs: delayMs, nodelay: true, append: o.disk ? 'colo.keep=0 colo.sink=disk' : 'colo.keep=0',
       ...(channels ? { multifd: { channels } } : {}),
       ...(o.binary ? { binary: o.binary } : {}),
-      ...(o.disk ? { extraArgs: ['-drive', `if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0.file.filename=${primaryImg},children.0.driver=raw`, '-device', DISK_DEVICE] } : {}),
+      ...(o.disk ? { extraArgs: primaryDiskArgs(primaryImg) } : {}),
     });
     cleanups.push(() => primary.kill());
     if (o.disk) {
       if (/mount \/dev\/vda failed/.test(primary.proc.readSerial())) throw new Error('setup: the guest could not mount its disk');
-      await attachReplication(primary, diskPath, primaryImg, await nbdPort(recv));
+      await attachReplication(primary, { primaryImage: primaryImg, receiverPath: diskPath, nbdPort: await nbdPort(recv) });
       log('disk: primary stopped, image copied, replication child attached over NBD, VM continued');
     }
     await primary.migrate(`tcp:127.0.0.1:${port}`, { parameters: { 'max-bandwidth': 10_000_000_000 } });

@@ -8,12 +8,11 @@
 // back with its sha256 with the guest's page cache dropped (from the disk), the guest shows no
 // ext4 error, and e2fsck finds PATH consistent. The NBD commands QEMU sent are reported.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { describe, test, type TestContext } from 'node:test';
-import { ensureGuest, haveQemu } from '../../src/harness/index.js';
+import { ensureGuest, haveE2fsprogs, haveQemu } from '../../src/harness/index.js';
 import { describeTrial, runFailoverTrial, type KillMoment } from '../helpers/failover-trial.js';
 
-const haveE2fs = spawnSync('mkfs.ext4', ['-V']).status === 0 && spawnSync('e2fsck', ['-V']).status === 0;
+const haveE2fs = haveE2fsprogs();
 const skip = !haveQemu() ? 'qemu-system-x86_64 not installed (apt-get install qemu-system-x86)'
   : !haveE2fs ? 'mkfs.ext4/e2fsck not installed (apt-get install e2fsprogs)' : false;
 
