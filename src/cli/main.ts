@@ -54,8 +54,9 @@ listen options:
                             failover PATH is the committed checkpoint's disk: start the fresh
                             QEMU with -drive if=none,id=colo-disk0,driver=raw,file=PATH and the
                             primary's disk device (README "Disks")
-  --max-disk-pending BYTES  memory for one checkpoint's disk writes, per disk, beyond which they
-                            spill to a file beside PATH (default 268435456)
+  --max-disk-pending BYTES  memory for one checkpoint interval's disk writes, per disk, beyond
+                            which they spill to a file beside PATH (default 268435456; while
+                            the previous interval is written to PATH it holds its own)
   --disk-commit MODE        async (default): PATH is written right after the commit, while the
                             VM runs (the failover waits for it); sync: written and fdatasync'ed
                             inside the checkpoint pause

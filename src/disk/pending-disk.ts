@@ -1,6 +1,8 @@
 // One replicated disk: PATH holds the committed checkpoint's disk; the primary's writes since
 // the last commit are held apart (an epoch) until the checkpoint they belong to commits.
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
+import { basename, dirname, join } from 'node:path';
 import { open, unlink, type FileHandle } from 'node:fs/promises';
 import { performance } from 'node:perf_hooks';
 import { MigrationError } from '../errors.js';
@@ -120,11 +122,11 @@ export class PendingDisk {
     try {
       const st = await fh.stat();
       if (!st.isFile() && !st.isBlockDevice()) throw new RangeError(`--disk ${o.name}: ${o.path} is not a file or block device`);
-      const size = st.isFile() ? st.size : Number((await import('node:child_process')).execFileSync('blockdev', ['--getsize64', o.path], { encoding: 'utf8' }).trim());
+      // a block device's stat size is 0: ask the kernel (util-linux)
+      const size = st.isFile() ? st.size : Number(execFileSync('blockdev', ['--getsize64', o.path], { encoding: 'utf8' }).trim());
       if (size <= 0) throw new RangeError(`--disk ${o.name}: ${o.path} is empty (the export size is PATH's size)`);
       // Two spill files: the pending epoch may spill while the previous one is still being applied.
-      const dir = o.spillDir ?? (await import('node:path')).dirname(o.path);
-      const base = (await import('node:path')).join(dir, `.${(await import('node:path')).basename(o.path)}.colo-pending`);
+      const base = join(o.spillDir ?? dirname(o.path), `.${basename(o.path)}.colo-pending`);
       const spills = [0, 1].map((i) => ({ path: `${base}.${i}`, fd: fs.openSync(`${base}.${i}`, 'w+', 0o600) }));
       return new PendingDisk(o, fh, size, spills);
     } catch (e) {

@@ -242,8 +242,6 @@ describe('NBD transmission: commands and pending writes', () => {
     try {
       const c = await NbdTestClient.connect(port);
       await c.handshake('colo-disk0');
-      const before = c.q.consumed;
-      void before;
       c.request(NBD_CMD_WRITE, 0, NBD_MAX_REQUEST + 4096);
       await c.closed();
       const e = disks.server.errors.at(-1)!;
