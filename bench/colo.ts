@@ -36,6 +36,9 @@ const USAGE = `bench:colo options:
   --nodelay-variant          also run the stock no-TCP_NODELAY cells (reported separately)
   --tls                      also run each of our cells over TLS (tls-creds-x509, TLS 1.2), right
                              after its plaintext twin; reported in a TLS section
+  --disk                     disk cells instead (ours only): uploads land on an ext4 disk, synced
+                             per file, with replication over NBD (README "Disks") and without it
+                             (same disk, not replicated: what replication adds to the pause)
   --retries N                run a failed cell again up to N times (default 1)
   --receiver-env K=V[,K=V]   extra environment for our receiver (e.g. GLIBC_TUNABLES=glibc.malloc.hugetlb=1)
   --out DIR                  default bench/results
@@ -56,6 +59,7 @@ const { values: o } = parseArgs({
     'upload-mbps': { type: 'string', default: '40' },
     'nodelay-variant': { type: 'boolean', default: false },
     tls: { type: 'boolean', default: false },
+    disk: { type: 'boolean', default: false },
     retries: { type: 'string', default: '1' },
     'receiver-env': { type: 'string' },
     out: { type: 'string', default: 'bench/results' },
@@ -121,7 +125,7 @@ const qemuCfg = { binary: qemuBin, colo10: qemuMajor >= 10 };
 
 const now = new Date();
 const date = now.toISOString().slice(0, 10);
-const tag = o.tag ?? (primaryKind === 'synthetic' ? 'colo-synthetic' : 'colo');
+const tag = o.tag ?? (primaryKind === 'synthetic' ? 'colo-synthetic' : o.disk ? 'colo-disk' : 'colo');
 const runDir = join(outDir, 'tmp', `${tag}-${now.toISOString().replace(/[:.]/g, '-')}`);
 mkdirSync(runDir, { recursive: true });
 const log = (m: string) => console.log(`[bench:colo ${new Date().toISOString().slice(11, 19)}] ${m}`);
@@ -160,8 +164,13 @@ const pki = o.tls ? makePki() : undefined;
 const specs: CellSpec[] = [];
 for (const nodelay of nodelayVariant && primaryKind === 'qemu' ? [true, false] : [true]) {
   for (const channels of modes) for (const workload of workloads) for (const secondary of secondaries) {
-    specs.push({ primary: primaryKind, channels, workload, secondary, nodelay });
-    if (o.tls && secondary === 'ours' && primaryKind === 'qemu') specs.push({ primary: primaryKind, channels, workload, secondary, nodelay, tls: true });
+    if (o.disk) {
+      if (secondary !== 'ours' || primaryKind !== 'qemu') continue;
+      for (const disk of ['local', 'replicated'] as const) specs.push({ primary: primaryKind, channels, workload, secondary, nodelay, disk });
+    } else {
+      specs.push({ primary: primaryKind, channels, workload, secondary, nodelay });
+      if (o.tls && secondary === 'ours' && primaryKind === 'qemu') specs.push({ primary: primaryKind, channels, workload, secondary, nodelay, tls: true });
+    }
   }
 }
 log(`${specs.length} cells: ${specs.map(cellName).join(', ')}; raw runs in ${relative(root, runDir)}`);
@@ -190,7 +199,9 @@ for (const [i, spec] of specs.entries()) {
   const t = s.metrics.transferMs, p = s.metrics.primarySendToReceivedMs;
   log(`  ${r.name}: ${r.ok ? 'ok' : `FAILED: ${r.error}`}; ${s.n} checkpoints, ${s.n ? s.mbPerCheckpoint.mean.toFixed(2) : '–'} MB/ckpt` +
     `${t ? `, transfer mean ${ms(t.mean)} p99 ${ms(t.p99)}` : ''}${p ? `, primary SEND→RECEIVED mean ${ms(p.mean)} p99 ${ms(p.p99)}` : ''}` +
-    `${r.uploadMBps !== undefined ? `, upload ${r.uploadMBps} MB/s` : ''} (${r.wallSeconds} s)`);
+    `${r.uploadMBps !== undefined ? `, upload ${r.uploadMBps} MB/s` : ''}` +
+    `${s.metrics.primaryRequestToLoadedMs ? `, pause (primary REQUEST→LOADED) mean ${ms(s.metrics.primaryRequestToLoadedMs.mean)} p99 ${ms(s.metrics.primaryRequestToLoadedMs.p99)}` : ''}` +
+    `${r.diskStats ? `, disk ${JSON.stringify(r.diskStats)}` : ''} (${r.wallSeconds} s)`);
   write(false);
 }
 const charts = write(true);

@@ -1,6 +1,6 @@
 #!/bin/sh
-# build-guest.sh OUTDIR — build the tiny diskless Linux guest used by the
-# colo-receiver QEMU tests and benchmarks.
+# build-guest.sh OUTDIR — build the tiny Linux guest used by the colo-receiver
+# QEMU tests and benchmarks (diskless; virtio-blk + ext4 for colo.sink=disk).
 #
 # Output (in OUTDIR):
 #   vmlinuz             Debian cloud kernel (linux-image-*-cloud-amd64)
@@ -30,7 +30,10 @@
 #     with colo.sink=null).
 #   * TCP 5001: remote /bin/sh (e.g. send "sha256sum /run/up/0.bin\nexit\n")
 #   Kernel command-line options read by /init:
-#     colo.sink=tmpfs|null   null: uploads are read and dropped (still answered)
+#     colo.sink=tmpfs|null|disk   null: uploads are read and dropped (still
+#                            answered); disk: /dev/vda (ext4, made by the host) is
+#                            mounted on /mnt/disk, uploads go to /mnt/disk/up/<n>.bin
+#                            and are answered only after `sync` (on the disk)
 #     colo.keep=N            upload files kept (default 16; 0 = all)
 #     colo.hb=MS             heartbeat period in ms (default 500; 0 = off)
 #     colo.dirty=MBPS[,MB]   start an in-guest memory dirtier
@@ -115,7 +118,7 @@ ln -s bin "$R/sbin"
 MODS="drivers/virtio/virtio_ring drivers/virtio/virtio
       drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci_legacy_dev
       drivers/virtio/virtio_pci net/core/failover drivers/net/net_failover
-      drivers/net/virtio_net"
+      drivers/net/virtio_net drivers/block/virtio_blk"
 : > "$R/lib/modules/order"
 for m in $MODS; do
     src=$WORK/k/lib/modules/$KVER/kernel/$m.ko
@@ -147,7 +150,19 @@ for a in $(cat /proc/cmdline); do
         colo.dirty=*) DIRTY=${a#colo.dirty=} ;;
     esac
 done
-mkdir -p /run/up
+UP=/run/up
+if [ "$SINK" = disk ]; then
+    # The disk is an ext4 image made on the host (mkfs.ext4); a failed mount is reported,
+    # the guest still comes up so the test sees why.
+    mkdir -p /mnt/disk
+    if mount -t ext4 /dev/vda /mnt/disk; then
+        UP=/mnt/disk/up
+    else
+        echo "init: mount /dev/vda failed" > /dev/ttyS0
+    fi
+fi
+mkdir -p $UP
+[ $UP = /run/up ] || ln -s $UP /run/up
 echo 0 > /run/up/.next
 echo "$SINK" > /run/sinkmode
 echo "$KEEP" > /run/up/.keep
@@ -200,6 +215,8 @@ if [ "$mode" = null ]; then
     echo "STORED /dev/null -"
 else
     cat >> /run/up/$n.bin
+    # disk: on stable storage before the answer (the test checks synced files after a failover)
+    [ "$mode" = disk ] && sync
     # stat, not wc: wc would read the whole file again
     echo "STORED /run/up/$n.bin $(stat -c %s /run/up/$n.bin)"
 fi

@@ -39,11 +39,14 @@ const { values: o } = parseArgs({
     channels: { type: 'string', default: '4' },
     qemu: { type: 'string', default: '7.2' },
     keep: { type: 'boolean', default: false },
+    disk: { type: 'boolean', default: false },
     help: { type: 'boolean', short: 'h', default: false },
   },
 });
 if (o.help) {
-  console.log('usage: node scripts/failover-trials.mjs [--trials N] [--seed S] [--channels C] [--qemu 7.2|10.0|PATH] [--keep]');
+  console.log('usage: node scripts/failover-trials.mjs [--trials N] [--seed S] [--channels C] [--qemu 7.2|10.0|PATH] [--keep] [--disk]');
+  console.log('  --disk  the VM gets a replicated ext4 disk (quorum + replication + NBD to the receiver);');
+  console.log('          uploads are synced files on it; checks add e2fsck of the committed image');
   process.exit(0);
 }
 // 10.0 means the COLO-capable build: stock 10.0 completes a plain migration instead of COLO
@@ -93,7 +96,7 @@ for (let i = 0; i < trials; i++) {
   const moment = KILL_MOMENTS[i % KILL_MOMENTS.length];
   let r;
   try {
-    r = await runFailoverTrial({ moment, guest, channels, random, keepDir: o.keep, binary });
+    r = await runFailoverTrial({ moment, guest, channels, random, keepDir: o.keep, binary, disk: o.disk });
   } catch (e) {
     r = { moment, error: e instanceof Error ? e.message : String(e), intact: false, problems: [String(e)] };
   }

@@ -14,14 +14,16 @@ export type MigrationErrorCode =
   | 'ERR_DECOMPRESS'       // zlib/zstd payload does not decode to normal_pages pages
   | 'ERR_TIMEOUT'          // a peer stopped sending mid-record / mid-checkpoint
   | 'ERR_PEER'             // socket error or refused connection
-  | 'ERR_WORKER';          // a page-writer task failed
+  | 'ERR_WORKER'           // a page-writer task failed
+  | 'ERR_NBD'              // an NBD peer broke the protocol (handshake, request, cap)
+  | 'ERR_DISK';            // a replicated disk cannot commit (missed or failed writes, local I/O)
 
 export class MigrationError extends Error {
   override name = 'MigrationError';
   constructor(
     readonly code: MigrationErrorCode,
     message: string,
-    /** 'main' or 'multifd/N' (or 'multifd/?' before the handshake). */
+    /** 'main' or 'multifd/N' (or 'multifd/?' before the handshake); 'nbd/NAME' or 'nbd/?' for disks. */
     readonly channel?: string,
     /** Byte offset in that channel's stream where the bad input starts. */
     readonly streamOffset?: number,

@@ -1,12 +1,16 @@
 // One benchmark cell = one primary (real QEMU 7.2 or the synthetic one) checkpointing into one
 // secondary (our receiver as a CLI child, or QEMU's own -incoming) for warm-up + N checkpoints.
 import { readFile } from 'node:fs/promises';
-import { mkdirSync } from 'node:fs';
+import { copyFileSync, mkdirSync, rmSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
+  attachReplication,
+  DISK_NAME,
+  makeExt4Image,
+  primaryDiskArgs,
   startColoPrimary,
   type Pki,
   startQemuSecondary,
@@ -42,6 +46,13 @@ export interface CellSpec {
   nodelay: boolean;
   /** Every channel over TLS (tls-creds-x509 on the primary, --tls-creds on ours; ours only). */
   tls?: boolean;
+
+  /**
+   * The guest's uploads go to an ext4 virtio-blk disk, synced per file (colo.sink=disk):
+   * 'replicated' = quorum + replication + NBD into our --nbd/--disk (README "Disks");
+   * 'local' = the same disk without replication (the baseline for what replication adds).
+   */
+  disk?: 'replicated' | 'local';
 }
 
 export interface CellConfig {
@@ -92,6 +103,8 @@ export interface CellResult extends CellSpec {
   retriedAfter?: string[];
   /** CPU time and run-queue wait per measured checkpoint (all threads), from /proc schedstat. */
   sched?: { secondary?: SchedUsage; primary?: SchedUsage };
+  /** disk 'replicated': the receiver's --stats-json NBD commands and per-disk commit figures. */
+  diskStats?: { nbd?: unknown; disks?: unknown };
 }
 
 export function modeName(channels: number): string {
@@ -99,7 +112,7 @@ export function modeName(channels: number): string {
 }
 
 export function cellName(s: CellSpec): string {
-  return `${s.primary === 'synthetic' ? 'synthetic-' : ''}${modeName(s.channels)}-${s.workload}-${s.secondary}${s.tls ? '-tls' : ''}${s.nodelay ? '' : '-stock'}`;
+  return `${s.primary === 'synthetic' ? 'synthetic-' : ''}${modeName(s.channels)}-${s.workload}-${s.secondary}${s.tls ? '-tls' : ''}${s.nodelay ? '' : '-stock'}${s.disk ? `-${s.disk === 'local' ? 'localdisk' : 'disk'}` : ''}`;
 }
 
 const cleanups = new Set<() => unknown>();
@@ -147,10 +160,19 @@ async function qemuCell(spec: CellSpec, cfg: CellConfig, runDir: string, res: Ce
   let recv: ReceiverChild | undefined;
   let sec: QemuSecondary | undefined;
   let uri: string;
+  const primaryImg = join(runDir, 'primary-disk.img');
+  const receiverImg = join(runDir, 'receiver-disk.img');
+  if (spec.disk) {
+    if (spec.secondary !== 'ours') throw new Error("disk cells run with our receiver only (QEMU's secondary needs its own NBD/hidden-disk setup)");
+    makeExt4Image(primaryImg);
+    copyFileSync(primaryImg, receiverImg);
+    track(() => { rmSync(primaryImg, { force: true }); rmSync(receiverImg, { force: true }); });
+  }
   if (spec.secondary === 'ours') {
     if (spec.tls && !cfg.pki) throw new Error('a TLS cell needs cfg.pki');
     recv = ReceiverChild.start(['--multifd-channels', String(spec.channels), '--stats-json', join(runDir, 'stats.json'),
-      '--checkpoints-csv', csv, ...(spec.tls ? ['--tls-creds', cfg.pki!.serverDir, '--tls-authz', cfg.pki!.clientDn.replace(/,/g, ',,')] : [])],
+      '--checkpoints-csv', csv, ...(spec.tls ? ['--tls-creds', cfg.pki!.serverDir, '--tls-authz', cfg.pki!.clientDn.replace(/,/g, ',,')] : []),
+      ...(spec.disk === 'replicated' ? ['--nbd', '127.0.0.1:0', '--disk', `${DISK_NAME}=${receiverImg}`] : [])],
       join(runDir, 'receiver.log'), cfg.receiverCli, cfg.receiverEnv);
     const r = recv;
     track(() => r.kill());
@@ -168,10 +190,12 @@ async function qemuCell(spec: CellSpec, cfg: CellConfig, runDir: string, res: Ce
   const primary: ColoPrimary = await startColoPrimary({
     guest, runDir, memMiB: cfg.ramMiB, checkpointDelayMs: cfg.intervalMs, nodelay: spec.nodelay, ...(multifd ? { multifd } : {}),
     ...(cfg.qemu ? { binary: cfg.qemu.binary } : {}),
-    ...(spec.tls ? { extraArgs: ['-object', `tls-creds-x509,id=tls0,dir=${cfg.pki!.clientDir},endpoint=client,verify-peer=on`] } : {}),
+    ...(spec.disk ? { append: 'colo.sink=disk colo.keep=8' } : {}),
+    extraArgs: [...(spec.tls ? ['-object', `tls-creds-x509,id=tls0,dir=${cfg.pki!.clientDir},endpoint=client,verify-peer=on`] : []), ...(spec.disk ? primaryDiskArgs(primaryImg) : [])],
   });
   track(() => primary.kill());
   res.bootMs = primary.bootMs;
+  if (spec.disk === 'replicated') await attachReplication(primary, { primaryImage: primaryImg, receiverPath: receiverImg, nbdPort: await recv!.nbdPort() });
   const alsoAlive = sec ? [sec.proc] : [];
   const tm = Date.now();
   // max-bandwidth only paces the initial precopy (a COLO checkpoint is not rate limited): same on both sides.
@@ -223,6 +247,10 @@ async function qemuCell(spec: CellSpec, cfg: CellConfig, runDir: string, res: Ce
   const times = primaryTimes(ptrace, primaryDirtyPages(ptext));
   if (recv) {
     res.receiverExit = await recv.wait(60_000);
+    if (spec.disk === 'replicated') {
+      const st = JSON.parse(await readFile(join(runDir, 'stats.json'), 'utf8')) as { nbd?: unknown; disks?: unknown };
+      res.diskStats = { nbd: st.nbd, disks: st.disks };
+    }
     const rows = parseOursCsv(await readFile(csv, 'utf8'));
     res.pairing = addOurs(times, rows);
   } else if (sec) {

@@ -13,6 +13,7 @@ export class ReceiverChild {
   readonly pid: number;
   stderrTail = '';
   #port: Promise<number>;
+  #nbdPort: Promise<number>;
   #log: WriteStream;
 
   private constructor(readonly child: ChildProcess, logFile: string) {
@@ -21,6 +22,9 @@ export class ReceiverChild {
     let resolvePort!: (p: number) => void, rejectPort!: (e: Error) => void;
     this.#port = new Promise((res, rej) => { resolvePort = res; rejectPort = rej; });
     this.#port.catch(() => undefined);
+    let resolveNbd!: (p: number) => void, rejectNbd!: (e: Error) => void;
+    this.#nbdPort = new Promise((res, rej) => { resolveNbd = res; rejectNbd = rej; });
+    this.#nbdPort.catch(() => undefined);
     let buf = '';
     child.stderr!.setEncoding('utf8').on('data', (d: string) => {
       this.#log.write(d);
@@ -30,13 +34,20 @@ export class ReceiverChild {
       while ((i = buf.indexOf('\n')) >= 0) {
         const line = buf.slice(0, i);
         buf = buf.slice(i + 1);
+        if (line.includes('NBD server listening')) {
+          try { resolveNbd(Number((JSON.parse(line) as { port: number }).port)); } catch { /* not JSON */ }
+          continue;
+        }
         if (!line.includes('waiting for an incoming migration')) continue;
         try { resolvePort(Number((JSON.parse(line) as { port: number }).port)); } catch { /* not JSON */ }
       }
     });
     child.stdout!.setEncoding('utf8').on('data', (d: string) => { this.#log.write(d); });
     this.exited = once(child, 'exit').then(([code]) => { this.#log.end(); return code === null ? 99 : Number(code); });
-    void this.exited.then((c) => rejectPort(new Error(`receiver exited (${c}) before listening: ${this.stderrTail}`)));
+    void this.exited.then((c) => {
+      rejectPort(new Error(`receiver exited (${c}) before listening: ${this.stderrTail}`));
+      rejectNbd(new Error(`receiver exited (${c}) without an NBD server: ${this.stderrTail}`));
+    });
   }
 
   /**
@@ -52,6 +63,8 @@ export class ReceiverChild {
   }
 
   port(): Promise<number> { return this.#port; }
+  /** The NBD port (listen --nbd HOST:0). */
+  nbdPort(): Promise<number> { return this.#nbdPort; }
 
   get alive(): boolean { return this.child.exitCode === null && this.child.signalCode === null; }
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env node
+import { statSync } from 'node:fs';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { createLogger } from '../log.js';
 import type { Compression } from '../migration/multifd-packet.js';
 import { parseFailoverAction, type FailoverAction } from '../restore/failover.js';
-import { receive } from './receive.js';
+import { parseDiskSpec } from '../disk/index.js';
+import { receive, type ReceiveOptions } from './receive.js';
 import { loadClientCreds, loadServerCreds, parseAuthzList, TlsCredsError } from '../net/tls.js';
 import { parseMetricsAddress, type MetricsAddress } from '../ops/metrics.js';
 
@@ -73,6 +75,20 @@ listen options:
   --metrics HOST:PORT       serve Prometheus /metrics and /healthz (200 while the committed image
                             is usable, else 503) on HOST:PORT; a bare PORT means 127.0.0.1.
                             Off by default
+  --nbd HOST:PORT           COLO with disks: NBD server for the primary's block replication
+                            (QEMU's replication,mode=primary over its NBD client); needs --disk
+  --disk NAME=PATH          a replicated disk (repeatable): NBD export NAME over the raw image
+                            PATH, a copy of the primary's disk when COLO starts (its size is the
+                            export size). Writes are held until their checkpoint commits; on
+                            failover PATH is the committed checkpoint's disk: start the fresh
+                            QEMU with -drive if=none,id=colo-disk0,driver=raw,file=PATH and the
+                            primary's disk device (README "Disks")
+  --max-disk-pending BYTES  memory for one checkpoint interval's disk writes, per disk, beyond
+                            which they spill to a file beside PATH (default 268435456; while
+                            the previous interval is written to PATH it holds its own)
+  --disk-commit MODE        async (default): PATH is written right after the commit, while the
+                            VM runs (the failover waits for it); sync: written and fdatasync'ed
+                            inside the checkpoint pause
   --max-ram BYTES           cap on the total RAM a source may announce (default 64 GiB)
   --max-blob BYTES          cap on a COLO device-state blob (default 256 MiB)
   --max-blocks N            cap on the RAMBlocks in MEM_SIZE (default 1024)
@@ -121,6 +137,10 @@ const LISTEN = {
   'tls-no-verify-peer': { type: 'boolean', default: false },
   'tls-authz': { type: 'string', multiple: true },
   metrics: { type: 'string' },
+  nbd: { type: 'string' },
+  disk: { type: 'string', multiple: true },
+  'max-disk-pending': { type: 'string' },
+  'disk-commit': { type: 'string', default: 'async' },
   'log-level': { type: 'string' },
   'no-progress': { type: 'boolean', default: false },
   help: { type: 'boolean', short: 'h', default: false },
@@ -148,6 +168,35 @@ function failoverAction(spec: string): FailoverAction {
   try { return parseFailoverAction(spec); } catch (e) { throw new UsageError((e as Error).message); }
 }
 
+function diskOptions(o: Record<string, string | boolean | string[] | undefined>): ReceiveOptions['disks'] {
+  const specs = (o.disk as string[] | undefined) ?? [];
+  if (o.nbd === undefined && specs.length === 0) {
+    if (o['max-disk-pending'] !== undefined) throw new UsageError('--max-disk-pending needs --nbd and --disk');
+    return undefined;
+  }
+  if (o.nbd === undefined) throw new UsageError('--disk needs --nbd HOST:PORT (where the primary\'s NBD client connects)');
+  if (specs.length === 0) throw new UsageError('--nbd needs at least one --disk NAME=PATH');
+  const m = /^(.*):(\d+)$/.exec(String(o.nbd));
+  if (!m || !m[1]) throw new UsageError(`--nbd must be HOST:PORT, got ${String(o.nbd)}`);
+  const mode = String(o['disk-commit']);
+  if (mode !== 'async' && mode !== 'sync') throw new UsageError(`--disk-commit must be async or sync, got ${mode}`);
+  let list;
+  try { list = specs.map(parseDiskSpec); } catch (e) { throw new UsageError((e as Error).message); }
+  for (const d of list) {
+    // Checked here so a wrong path is a usage error (exit 1), not a failed start.
+    let st;
+    try { st = statSync(d.path); } catch (e) { throw new UsageError(`--disk ${d.name}: ${(e as Error).message}`); }
+    if (!st.isFile() && !st.isBlockDevice()) throw new UsageError(`--disk ${d.name}: ${d.path} is not a file or block device`);
+    if (st.isFile() && st.size === 0) throw new UsageError(`--disk ${d.name}: ${d.path} is empty (PATH must be a copy of the primary's disk)`);
+  }
+  const names = new Set(list.map((d) => d.name));
+  if (names.size !== list.length) throw new UsageError('--disk: two disks with the same NAME');
+  return {
+    host: m[1].replace(/^\[(.*)\]$/, '$1'), port: int(m[2], 'nbd port', 0, 65535), disks: list, commitMode: mode,
+    ...(o['max-disk-pending'] !== undefined ? { maxPendingBytes: int(o['max-disk-pending'], 'max-disk-pending', 0, 2 ** 40) } : {}),
+  };
+}
+
 async function listen(argv: string[]): Promise<number> {
   const { values: o } = parseArgs({ args: argv, options: LISTEN, strict: true, allowPositionals: false }) as { values: Record<string, string | boolean | string[] | undefined> };
   if (o.help) { process.stdout.write(HELP + '\n'); return 0; }
@@ -155,6 +204,7 @@ async function listen(argv: string[]): Promise<number> {
   if (!['none', 'zlib', 'zstd'].includes(comp)) throw new UsageError(`--compression must be none, zlib or zstd, got ${comp}`);
   const uuid = o['expect-uuid'] as string | undefined;
   if (uuid !== undefined && !/^[0-9a-fA-F]{32}$/.test(uuid.replace(/-/g, ''))) throw new UsageError('--expect-uuid must be a UUID');
+  const disks = diskOptions(o);
   const log = createLogger((o['log-level'] as string | undefined) ?? process.env.LOG_LEVEL ?? 'info');
   const limits: Record<string, number> = {};
   if (o['max-ram'] !== undefined) limits.maxRamBytes = int(o['max-ram'], 'max-ram', 4096, 2 ** 52);
@@ -199,6 +249,7 @@ async function listen(argv: string[]): Promise<number> {
     onFailover,
     tls,
     metrics,
+    ...(disks ? { disks } : {}),
     progress: process.stderr.isTTY === true && !o['no-progress'],
     log,
   });

@@ -10,6 +10,7 @@ import { DEFAULT_IDENTIFY_TIMEOUT_MS, listenForMigration } from '../net/listener
 import { runFailover, type FailoverAction } from '../restore/failover.js';
 import type { TlsServerConfig } from '../net/tls.js';
 import { ReceiverMetrics, serveMetrics, type MetricsAddress } from '../ops/metrics.js';
+import { DiskReplication, type DiskReplicationOptions } from '../disk/index.js';
 import { performance } from 'node:perf_hooks';
 
 export interface ReceiveOptions extends IncomingOptions {
@@ -33,6 +34,10 @@ export interface ReceiveOptions extends IncomingOptions {
   metrics?: MetricsAddress | undefined;
   /** Called with the metrics server's bound port (tests use port 0). */
   onMetricsListening?: (port: number, metrics: ReceiverMetrics) => void;
+  /** Replicated disks: NBD server + export per disk, committed with each checkpoint (src/disk). */
+  disks?: Omit<DiskReplicationOptions, 'log' | 'ioTimeoutMs'>;
+  /** Called with the bound NBD port (tests use port 0). */
+  onNbdListening?: (port: number) => void;
   /** Called after the migration ended, with the committed image still readable (failover). */
   onEnded?: (mig: IncomingMigration, outcome: Outcome) => Promise<void>;
 }
@@ -65,7 +70,14 @@ export async function dumpImage(img: CommittedImage, dir: string): Promise<void>
 /** Runs one incoming migration end to end: listen, receive, report, dump. */
 export async function receive(opts: ReceiveOptions): Promise<ReceiveResult> {
   const log = opts.log;
-  const mig = new IncomingMigration({ ...opts, log });
+  // The NBD server comes up first: the primary's drive_add connects before it migrates.
+  let disks: DiskReplication | null = null;
+  if (opts.disks) {
+    const d = await DiskReplication.start({ ...opts.disks, log, ...(opts.ioTimeoutMs ? { ioTimeoutMs: opts.ioTimeoutMs } : {}) });
+    disks = d.disks;
+    opts.onNbdListening?.(d.port);
+  }
+  const mig = new IncomingMigration({ ...opts, log, ...(disks ? { participants: [disks] } : {}) });
   let server: Server | null = null;
   let metricsServer: Server | null = null;
   let timer: NodeJS.Timeout | null = null;
@@ -115,6 +127,8 @@ export async function receive(opts: ReceiveOptions): Promise<ReceiveResult> {
     if (timer) { clearInterval(timer); process.stderr.write('\n'); }
     server.close();
     const summary = mig.summary();
+    // mig.done resolved after the disks settled: PATH is the committed checkpoint's disk now.
+    if (disks) Object.assign(summary, disks.summary());
     if (opts.onEnded) await opts.onEnded(mig, outcome);
     const img = await mig.committedImage();
     let failover: ReceiveResult['failover'];
@@ -145,6 +159,7 @@ export async function receive(opts: ReceiveOptions): Promise<ReceiveResult> {
   } finally {
     if (timer) clearInterval(timer);
     server?.close();
+    await disks?.end(mig.committedCheckpoint);
     metricsServer?.close();
     await mig.pool.close().catch(() => undefined);
   }

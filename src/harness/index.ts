@@ -6,3 +6,4 @@ export * from './precopy.js';
 export * from './colo.js';
 export * from './workload.js';
 export { makePki, type Pki } from './pki.js';
+export * from './disk.js';

@@ -27,6 +27,7 @@ import { be32 } from '../wire/reader.js';
 import { CheckpointStats, type CheckpointRecord } from './checkpoint-stats.js';
 import type { CommittedImage } from './committed-image.js';
 import { DEFAULT_LIMITS, type Limits } from './limits.js';
+import type { CheckpointParticipant } from './participant.js';
 import { MultiFDChannel, type ChannelSink } from './multifd-channel.js';
 import type { Compression, MultiFDInit, MultiFDPacket } from './multifd-packet.js';
 import { RamSectionParser, type RamSink } from './ram-section.js';
@@ -58,6 +59,8 @@ export interface IncomingOptions {
   pool?: PagePool;
   /** Staging slots (1 MiB each) per multifd channel: bounds memory per channel. */
   slotsPerChannel?: number;
+  /** Committed with every checkpoint and told the ending (replicated disks, src/disk). */
+  participants?: CheckpointParticipant[];
 }
 
 export type Outcome =
@@ -432,7 +435,8 @@ export class IncomingMigration extends EventEmitter {
             return this.#commitCheckpoint(blob);
           }).then(
             () => { this.#commit = null; this.#main?.resume(); this.#pumpMain(); },
-            (e: unknown) => { this.#commit = null; this.#endWith(this.#asError(e, 'main', q.consumed), false); },
+            // ERR_PEER from a participant: its peer (the primary's NBD client) is gone.
+            (e: unknown) => { this.#commit = null; const err = this.#asError(e, 'main', q.consumed); this.#endWith(err, err.code === 'ERR_PEER'); },
           );
           return 'wait';
         }
@@ -468,12 +472,12 @@ export class IncomingMigration extends EventEmitter {
   #settleInitial(): 'wait' {
     this.#phase = 'settling';
     this.#main?.pause();
-    void ioTurn().then(() => {
+    void ioTurn().then(() => (this.#outcome ? undefined : this.#commitParticipants(0))).then(() => {
       if (this.#outcome) return;
       try { this.#finishInitial(); } catch (e) { this.#endWith(this.#asError(e, 'main', this.#mainQ.consumed), false); return; }
       this.#main?.resume();
       this.#pumpMain();
-    });
+    }, (e: unknown) => this.#endWith(this.#asError(e, 'main', this.#mainQ.consumed), false));
     return 'wait';
   }
 
@@ -530,6 +534,8 @@ export class IncomingMigration extends EventEmitter {
    */
   async #commitCheckpoint(blob: Buffer): Promise<void> {
     const cur = this.#cur!;
+    // Participants first: one that refuses (a disk that missed writes) leaves RAM untouched.
+    await this.#commitParticipants(cur.index);
     cur.tFlushStart = performance.now();
     cur.flushedPages = await this.pool.flush(this.blocks.blocks.map((b) => b.memory()));
     cur.tFlushEnd = performance.now();
@@ -544,6 +550,10 @@ export class IncomingMigration extends EventEmitter {
     this.#armHeartbeat();
     this.log.info(this.stats.logLine(cur), 'checkpoint');
     this.emit('checkpoint', { index: cur.index, initial: false, record: cur });
+  }
+
+  async #commitParticipants(index: number): Promise<void> {
+    for (const p of this.#opts.participants ?? []) await p.commit(index);
   }
 
   #counterBase = { mainPages: 0, mainZero: 0, mainBytes: 0, ch: [] as { pages: number; zero: number; bytes: number }[] };
@@ -820,7 +830,10 @@ export class IncomingMigration extends EventEmitter {
     this.emit('end', o);
     // The commit in flight (if any) finishes before the outcome is visible: the image a caller
     // reads afterwards is a complete checkpoint.
-    void (this.#commit ?? Promise.resolve()).then(() => this.#resolveDone(o));
+    // Participants settle on the committed checkpoint (pending disk writes dropped) before too.
+    void (this.#commit ?? Promise.resolve())
+      .then(() => Promise.allSettled((this.#opts.participants ?? []).map((p) => p.end(this.#committed))))
+      .then(() => this.#resolveDone(o));
   }
 
   /** Stop accepting and tear everything down. */

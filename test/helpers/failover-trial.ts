@@ -17,7 +17,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
-  ensureGuest, freePort, guestShell, nowMs, parsePrimaryTrace, QemuProcess, startColoPrimary,
+  attachReplication, DISK_DEVICE, ensureGuest, freePort, fsckProblem, makeExt4Image, primaryDiskArgs, guestShell, nowMs, parsePrimaryTrace, QemuProcess, startColoPrimary,
   UploadWorkload, type ColoPrimary, type GuestImage, type PrimaryCheckpoint, type UploadedFile,
 } from '../../src/harness/index.js';
 import { ReceiverProcess } from './receiver-process.js';
@@ -55,6 +55,13 @@ export interface TrialOptions {
    * into which the receiver migrates as a TLS client (resume=tls+tcp:, --resume-tls-creds).
    */
   tls?: { serverDir: string; clientDir: string; clientDn: string };
+  /**
+   * Give the VM a replicated disk (README "Disks"): the primary's ext4 image behind a quorum
+   * with the replication/NBD child to the receiver (`--nbd`/`--disk`), uploads stored on it and
+   * synced; the destination resumes with the receiver's PATH. Extra checks: files read back
+   * with the guest's page cache dropped (from the disk), and e2fsck of the committed image.
+   */
+  disk?: boolean;
 }
 
 export interface FileCheck {
@@ -102,14 +109,17 @@ export interface TrialResult {
   anomalies: string[];
   intact: boolean;
   totalMs: number;
+  /** disk trials: NBD commands the receiver got from QEMU, by type; e2fsck of PATH after the trial. */
+  nbd?: { commands: Record<string, Record<string, number>>; options: Record<string, number>; commitMs?: unknown; applyMs?: unknown; bytesPerCheckpoint?: unknown };
+  fsck?: string;
 }
 
 const BAD_KERNEL_RE = /Oops|BUG:|Kernel panic|general protection/;
 const HB_RE = /HB (\d+)/g;
 
-function guestAppend(): string {
+function guestAppend(disk = false): string {
   // colo.keep=0: the guest keeps every uploaded file, so all confirmed ones can be read back.
-  return 'console=ttyS0 init_on_free=1 colo.keep=0';
+  return `console=ttyS0 init_on_free=1 colo.keep=0${disk ? ' colo.sink=disk' : ''}`;
 }
 
 function hbNumbers(serial: string): number[] {
@@ -196,6 +206,15 @@ export async function killOnTrace(o: { file: string; needle: string; delayMs: nu
   }
 }
 
+/** The NBD port the receiver bound (its 'NBD server listening' log line). */
+async function nbdPort(recv: ReceiverProcess): Promise<number> {
+  await recv.port();
+  return until('the receiver\'s NBD port', 10_000, 20, () => {
+    const l = recv.lines.find((x) => x.msg === 'NBD server listening');
+    return l ? Number(l.port) : undefined;
+  });
+}
+
 /** sha256 of several guest files in one shell round trip: path -> hex (missing files absent). */
 async function guestSha256(shellPort: number, paths: string[]): Promise<Map<string, string>> {
   const out = new Map<string, string>();
@@ -246,14 +265,24 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
     // --- destination: a fresh QEMU with the primary's machine options, waiting for the image
     const destPort = await freePort();
     const destShell = await freePort();
+    // disk: PATH is the receiver's image; snapshot=on keeps the destination's own writes out of
+    // it, so after the trial PATH is still exactly what the receiver committed (checked by e2fsck).
+    const primaryImg = join(dir, 'primary-disk.img');
+    const diskPath = join(dir, 'receiver-disk.img');
+    // PATH exists from the start (the destination opens it now, the receiver at its start);
+    // its content is set again while the primary is stopped, just before replication begins.
+    if (o.disk) { makeExt4Image(primaryImg); fs.copyFileSync(primaryImg, diskPath); }
     const dest = QemuProcess.start({
       runDir: dir, role: 'destination', cpu: 'qemu64', memMiB: 512,
-      kernel: guest.kernel, initrd: guest.initrd, append: guestAppend(),
+      kernel: guest.kernel, initrd: guest.initrd, append: guestAppend(o.disk),
       netdevs: [`user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:${destShell}-:5001`],
-      devices: ['virtio-net-pci,netdev=n0,romfile='],
+      devices: ['virtio-net-pci,netdev=n0,romfile=', ...(o.disk ? [DISK_DEVICE] : [])],
       ...(o.binary ? { binary: o.binary } : {}),
       incoming: o.tls ? 'defer' : `tcp:127.0.0.1:${destPort}`,
-      ...(o.tls ? { extra: ['-object', `tls-creds-x509,id=tls0,dir=${o.tls.serverDir},endpoint=server,verify-peer=on`] } : {}),
+      extra: [
+        ...(o.tls ? ['-object', `tls-creds-x509,id=tls0,dir=${o.tls.serverDir},endpoint=server,verify-peer=on`] : []),
+        ...(o.disk ? ['-drive', `if=none,id=colo-disk0,driver=raw,file=${diskPath},snapshot=on`] : []),
+      ],
     });
     cleanups.push(() => dest.kill());
     const dq = await dest.qmp();
@@ -267,6 +296,7 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
     const recv = ReceiverProcess.start([
       '--multifd-channels', String(channels), '--on-failover', `resume=${o.tls ? 'tls+' : ''}tcp:127.0.0.1:${destPort}`, '--stats-json', statsPath,
       ...(o.tls ? ['--tls-creds', o.tls.serverDir, '--tls-authz', o.tls.clientDn.replace(/,/g, ',,'), '--resume-tls-creds', o.tls.clientDir] : []),
+      ...(o.disk ? ['--nbd', '127.0.0.1:0', '--disk', `colo-disk0=${diskPath}`] : []),
     ]);
     recvRef = recv;
     cleanups.push(() => recv.kill());
@@ -274,16 +304,25 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
 
     // --- primary, COLO, upload workload
     const primary: ColoPrimary = await startColoPrimary({
-      guest, runDir: dir, memMiB: 512, checkpointDelayMs: delayMs, nodelay: true, append: 'colo.keep=0',
+      guest, runDir: dir, memMiB: 512, checkpointDelayMs: delayMs, nodelay: true, append: o.disk ? 'colo.keep=0 colo.sink=disk' : 'colo.keep=0',
       ...(channels ? { multifd: { channels } } : {}),
       ...(o.binary ? { binary: o.binary } : {}),
-      ...(o.tls ? { extraArgs: ['-object', `tls-creds-x509,id=tls0,dir=${o.tls.clientDir},endpoint=client,verify-peer=on`] } : {}),
+      extraArgs: [
+        ...(o.tls ? ['-object', `tls-creds-x509,id=tls0,dir=${o.tls.clientDir},endpoint=client,verify-peer=on`] : []),
+        ...(o.disk ? primaryDiskArgs(primaryImg) : []),
+      ],
     });
     cleanups.push(() => primary.kill());
+    if (o.disk) {
+      if (/mount \/dev\/vda failed/.test(primary.proc.readSerial())) throw new Error('setup: the guest could not mount its disk');
+      await attachReplication(primary, { primaryImage: primaryImg, receiverPath: diskPath, nbdPort: await nbdPort(recv) });
+      log('disk: primary stopped, image copied, replication child attached over NBD, VM continued');
+    }
     await primary.migrate(`tcp:127.0.0.1:${port}`, { parameters: { 'max-bandwidth': 10_000_000_000, ...(o.tls ? { 'tls-creds': 'tls0', 'tls-hostname': 'colo-receiver' } : {}) } });
     await primary.waitColo(120_000);
     const upload = new UploadWorkload({
-      port: primary.uploadPort, rateMBps: o.rateMBps ?? 30, fileBytes: o.fileBytes ?? 3 << 20,
+      // disk: every file is synced through virtio-blk + quorum + NBD under TCG: slower
+      port: primary.uploadPort, rateMBps: o.rateMBps ?? (o.disk ? 6 : 30), fileBytes: o.fileBytes ?? (o.disk ? 1 << 20 : 3 << 20),
       checkpointCount: () => primary.checkpointCount(),
       // the workload's per-file ack timer is not cleared on stop(): keep it short so the
       // process can exit soon after the last trial (acks take well under a second here)
@@ -446,6 +485,8 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
     if (eligible.length === 0) problems.push(`no uploaded file old enough to check (confirmed ${confirmed.length}, committed checkpoint ${res.committed})`);
     if (dest.alive && res.failoverToRunningMs !== null) {
       try {
+        // disk: read from the disk, not from the page cache the checkpoint's RAM carries
+        if (o.disk) await guestShell(destShell, 'sync; echo 3 > /proc/sys/vm/drop_caches', { timeoutMs: 60_000 });
         const sums = await guestSha256(destShell, [...eligible, ...later].map((f) => f.remotePath));
         for (const f of eligible) {
           const got = sums.get(f.remotePath);
@@ -476,6 +517,15 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
     if (res.destStatus !== 'running') problems.push(`destination status ${res.destStatus ?? '(exited: ' + dest.stderrTail() + ')'}`);
     const destErr = dest.stderrTail();
     if (/error|failed/i.test(destErr)) problems.push(`destination QEMU stderr: ${destErr}`);
+    if (o.disk) {
+      const ds = (stats as { nbd?: TrialResult['nbd']; disks?: { commitMs?: unknown; applyMs?: unknown; bytesPerCheckpoint?: unknown }[] });
+      if (ds.nbd) res.nbd = { ...ds.nbd, commitMs: ds.disks?.[0]?.commitMs, applyMs: ds.disks?.[0]?.applyMs, bytesPerCheckpoint: ds.disks?.[0]?.bytesPerCheckpoint };
+      if (/EXT4-fs error|EXT4-fs \(vda\): error/.test(dest.readSerial())) problems.push('destination serial shows an ext4 error');
+      await dest.kill();
+      const f = fsckProblem(diskPath, join(dir, 'fsck-copy.img'));
+      res.fsck = f.report;
+      if (f.problem) problems.push(`committed disk image: ${f.problem}`);
+    }
   } finally {
     if (recvRef) fs.writeFileSync(join(dir, 'receiver.log'), recvRef.stderr);
     for (const c of cleanups.reverse()) {
@@ -499,6 +549,7 @@ export function describeTrial(r: TrialResult): string {
     `files verified ${f.verified}/${f.eligible} (confirmed ${f.confirmed}, later ones present ${f.laterPresent}/${f.laterChecked})`,
     `HB primary last ${r.hb.primaryLast}, destination ${r.hb.destFirst}..${r.hb.destLast}`,
     `failover: detected ${r.detectMs?.toFixed(0) ?? '-'} ms, streaming from ${r.streamStartMs?.toFixed(0) ?? '-'} ms, delivered ${r.deliveredMs?.toFixed(0) ?? '-'} ms (${((r.failoverBytes ?? 0) / 1e6).toFixed(0)} MB), running at ${r.failoverToRunningMs?.toFixed(0) ?? '-'} ms after the SIGKILL`,
+    ...(r.nbd ? [`disk: NBD ${JSON.stringify(r.nbd.commands)}, commit ms ${JSON.stringify(r.nbd.commitMs)}, apply ms ${JSON.stringify(r.nbd.applyMs)}, ${r.fsck}`] : []),
     `${r.intact ? 'INTACT' : 'NOT INTACT: ' + r.problems.join('; ')}${r.anomalies.length ? ' | RECEIVER ANOMALY: ' + r.anomalies.join('; ') : ''}`,
   ].join(' | ');
 }

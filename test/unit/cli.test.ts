@@ -11,7 +11,7 @@ describe('colo-receiver CLI', () => {
   test('--help lists every cap and the heartbeat modes', () => {
     const r = run('listen', '--help');
     assert.equal(r.status, 0);
-    for (const o of ['--max-ram', '--max-blob', '--max-blocks', '--max-section', '--max-vmdesc', '--max-channels', '--max-packet-payload', '--max-command', '--io-timeout', '--heartbeat-timeout MS|auto', '--expect-uuid', '--allow']) {
+    for (const o of ['--nbd HOST:PORT', '--disk NAME=PATH', '--max-disk-pending', '--disk-commit', '--max-ram', '--max-blob', '--max-blocks', '--max-section', '--max-vmdesc', '--max-channels', '--max-packet-payload', '--max-command', '--io-timeout', '--heartbeat-timeout MS|auto', '--expect-uuid', '--allow']) {
       assert.ok(r.stdout.includes(o), `--help mentions ${o}`);
     }
   });
@@ -37,6 +37,13 @@ describe('colo-receiver CLI', () => {
     [['--max-command', '70000'], /--max-command must be an integer in 0\.\.65536/],
     [['--max-packet-payload', String(2 ** 20 + 1)], /--max-packet-payload must be an integer in 1\.\.1048576/],
     [['--compression', 'lz4'], /--compression must be none, zlib or zstd/],
+    [['--disk', 'd=/tmp/x.img'], /--disk needs --nbd/],
+    [['--nbd', '127.0.0.1:10809'], /--nbd needs at least one --disk/],
+    [['--nbd', 'nowhere', '--disk', 'd=/tmp/x.img'], /--nbd must be HOST:PORT/],
+    [['--nbd', '127.0.0.1:0', '--disk', 'no-equals-sign'], /--disk must be NAME=PATH/],
+    [['--nbd', '127.0.0.1:0', '--disk', 'd=/dev/null', '--disk', 'd=/dev/null'], /not a file or block device|same NAME/],
+    [['--nbd', '127.0.0.1:0', '--disk', 'd=/nonexistent/x.img'], /--disk d: ENOENT/],
+    [['--nbd', '127.0.0.1:0', '--disk', 'd=/a', '--disk-commit', 'later'], /--disk-commit must be async or sync/],
   ] as const) {
     test(`listen ${args.join(' ')}: exit 1, says why`, () => {
       const r = run('listen', ...args);

@@ -20,8 +20,11 @@ const P = 4096;
 const RAM = { sectionId: 2, idstr: 'ram', instanceId: 0, versionId: 4 };
 const BLOCKS = [{ idstr: 'pc.ram', usedLength: 4 * P }];
 
-/** Codes that bad bytes from a peer can raise (the rest come from timers, sockets and workers). */
-type WireCode = Exclude<MigrationErrorCode, 'ERR_DECOMPRESS' | 'ERR_TIMEOUT' | 'ERR_PEER' | 'ERR_WORKER'>;
+/**
+ * Codes that bad bytes from a peer can raise (the rest come from timers, sockets and workers;
+ * ERR_NBD and ERR_DISK come from the NBD channel: test/unit/nbd-server.test.ts).
+ */
+type WireCode = Exclude<MigrationErrorCode, 'ERR_DECOMPRESS' | 'ERR_TIMEOUT' | 'ERR_PEER' | 'ERR_WORKER' | 'ERR_NBD' | 'ERR_DISK'>;
 
 interface Row {
   /** Channel the error must name. */
