@@ -51,7 +51,10 @@ async function optional(dir: string, name: string): Promise<Buffer | undefined> 
  * is ignored: OpenSSL negotiates (EC)DHE groups itself, and TLS 1.3 has no DH parameters.
  */
 export async function loadServerCreds(dir: string, o: { verifyPeer?: boolean; authz?: string[] | null } = {}): Promise<TlsServerConfig> {
-  const [ca, cert, key] = await Promise.all([need(dir, 'ca-cert.pem'), need(dir, 'server-cert.pem'), need(dir, 'server-key.pem')]);
+  // One after the other: the error names the first missing file in QEMU's order, every time.
+  const ca = await need(dir, 'ca-cert.pem');
+  const cert = await need(dir, 'server-cert.pem');
+  const key = await need(dir, 'server-key.pem');
   try {
     createSecureContext({ ca, cert, key });
   } catch (e) {
