@@ -10,6 +10,7 @@
 // receiver's alone: one process, one IncomingMigration, real loopback sockets through
 // src/net/listener.ts. At the end the primary reports a sha256 per RAMBlock of its memory at
 // the last checkpoint; the receiver's committed image must match it.
+import { imageBlockBytes } from '../src/memory/ram-block.js';
 import { fork } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
@@ -122,7 +123,7 @@ if (a.primary !== undefined) {
   const img = await mig.committedImage();
   let verified: boolean | string = 'no final hashes from the primary';
   if (img && final) {
-    const got = Object.fromEntries(img.blocks.map((b) => [b.idstr, sha(Buffer.concat(b.views.map((v) => Buffer.from(v.buffer, v.byteOffset, v.length))))]));
+    const got = Object.fromEntries(img.blocks.map((b) => [b.idstr, sha(imageBlockBytes(b))]));
     const bad = Object.keys(final.hashes).filter((k) => final!.hashes[k] !== got[k]);
     verified = img.checkpoint === final.checkpoint && bad.length === 0 ? true : `checkpoint ${img.checkpoint} vs ${final.checkpoint}; differing blocks: ${bad.join(', ')}`;
   }

@@ -28,6 +28,7 @@ const dist = (p) => new URL(`../dist/src/${p}`, import.meta.url).href;
 const { ColoPrimary, ensureShim, PRIMARY_TRACE_EVENTS, QemuProcess, qemuBinaryFor, qemuVersion, shimEnv, startPrecopySource } = await import(dist('harness/index.js'));
 const { IncomingMigration } = await import(dist('migration/incoming.js'));
 const { listenForMigration } = await import(dist('net/listener.js'));
+const { imageBlockBytes } = await import(dist('memory/ram-block.js'));
 const { silentLogger } = await import(dist('log.js'));
 
 const QEVM = 0x5145564d, MULTIFD = 0x11223344;
@@ -156,7 +157,7 @@ async function precopy(name, multifd) {
     await sleep(200);
     const mem = await (await import('node:fs/promises')).readFile(await src.pmemsave(0, 32 * 1024 * 1024, join(dir, 'source.mem')));
     const img = await recv.mig.committedImage();
-    const ram = Buffer.concat(img.blocks.find((x) => x.idstr === 'pc.ram').views.map((v) => Buffer.from(v)));
+    const ram = imageBlockBytes(img.blocks.find((x) => x.idstr === 'pc.ram'));
     // As test/qemu/precopy.test.ts: below VGA and from 1 MiB up.
     if (!ram.subarray(0, 0xa0000).equals(mem.subarray(0, 0xa0000)) || !ram.subarray(0x100000).equals(mem.subarray(0x100000, ram.length))) {
       throw new Error('received pc.ram differs from the source');

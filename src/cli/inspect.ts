@@ -23,7 +23,7 @@ const COMMANDS: Record<number, string> = { [MIG_CMD_OPEN_RETURN_PATH]: 'OPEN_RET
  * parser runs with `discardPages`, multifd pages are only counted.
  */
 function dryBlock(index: number, idstr: string, usedLength: number): RAMBlock {
-  return { index, idstr, usedLength, pages: usedLength / 4096, guest: null, cache: null, dirty: null, memory: () => ({ guest: [], cache: null, dirty: null }) } as unknown as RAMBlock;
+  return { index, idstr, usedLength, pages: usedLength / 4096 } as unknown as RAMBlock;
 }
 
 function out(line: string): void { process.stdout.write(line + '\n'); }
@@ -112,6 +112,7 @@ async function inspectMultifd(_name: string, data: Buffer, compression: Compress
     // Block names and lengths come from the main stream when it is given; else any offset is accepted.
     findBlock: (idstr) => blocks.get(idstr) ?? dryBlock(0, idstr, 2 ** 52),
     writeMode: () => WRITE_GUEST,
+    discardPages: true,
     submit: () => Promise.resolve(0),
     onSynced: (c) => { c.release(); },
     onBlocked: () => undefined,

@@ -12,6 +12,7 @@ import type { TlsServerConfig } from '../net/tls.js';
 import { ReceiverMetrics, serveMetrics, type MetricsAddress } from '../ops/metrics.js';
 import { DiskReplication, type DiskReplicationOptions } from '../disk/index.js';
 import { performance } from 'node:perf_hooks';
+import { TARGET_PAGE_SIZE } from '../wire/constants.js';
 
 export interface ReceiveOptions extends IncomingOptions {
   host: string;
@@ -50,16 +51,24 @@ export async function dumpImage(img: CommittedImage, dir: string): Promise<void>
   for (const b of img.blocks) {
     const fh = await open(join(dir, dumpFileName(b.idstr)), 'w');
     try {
-      let left = b.usedLength;
-      for (const v of b.views) {
-        const n = Math.min(left, v.length);
-        // Guest memory is a SharedArrayBuffer: copy through a plain Buffer in 64 MiB steps.
-        for (let at = 0; at < n; at += 64 << 20) {
-          const k = Math.min(64 << 20, n - at);
-          await fh.write(Buffer.from(v.subarray(at, at + k)));
-        }
-        left -= n;
+      // Zero pages have no slot: the file is sized first and only pages with a slot are
+      // written, in runs of up to 16 MiB (sparse where the filesystem allows).
+      await fh.truncate(b.usedLength);
+      const buf = Buffer.allocUnsafe(16 << 20);
+      let runStart = -1, runLen = 0;
+      const flush = async () => {
+        if (runLen > 0) await fh.write(buf, 0, runLen, runStart);
+        runStart = -1; runLen = 0;
+      };
+      for (let p = 0; p < b.pages; p++) {
+        const v = b.page(p);
+        if (!v) { await flush(); continue; }
+        if (runStart < 0) runStart = p * TARGET_PAGE_SIZE;
+        buf.set(v, runLen);
+        runLen += TARGET_PAGE_SIZE;
+        if (runLen === buf.length) await flush();
       }
+      await flush();
     } finally {
       await fh.close();
     }

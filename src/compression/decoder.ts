@@ -5,9 +5,8 @@
 // This module is that decoder and the task a channel's decoder thread runs per packet.
 import assert from 'node:assert/strict';
 import { MigrationError, type MigrationErrorCode } from '../errors.js';
-import { SLOT_INDEX_BYTES, WRITE_BOTH, WRITE_CACHE, WRITE_GUEST, writePages, type WriteMode } from '../memory/page-writer.js';
-import { DirtyBitmap } from '../memory/dirty-bitmap.js';
-import { PAGES_PER_WINDOW_BITS, WindowedMemory, type BlockMemory } from '../memory/shared-layout.js';
+import { SLOT_INDEX_BYTES } from '../memory/page-writer.js';
+import { SlotMemory, type SlotChunks } from '../memory/slab.js';
 import { TARGET_PAGE_SIZE } from '../wire/constants.js';
 import { Z_SYNC_FLUSH, ZlibStream } from './zlib-stream.js';
 import { zstd, ZSTD_WINDOWLOG_MAX } from './zstd.js';
@@ -16,8 +15,9 @@ export type CompressionMethod = 'zlib' | 'zstd';
 
 /**
  * One compressed multifd packet for the channel's decoder thread: the staging slot holds the
- * page indexes (normal, then zero) and then `payloadLen` compressed bytes (spec §2.4:
- * next_packet_size). Pages go where an uncompressed packet's would (WriteMode).
+ * destination page slots of the normal pages and then `payloadLen` compressed bytes (spec
+ * §2.4: next_packet_size). The main thread chose the slots (and recorded the zero pages)
+ * as for an uncompressed packet.
  */
 export interface DecodeTask {
   op: 'decode';
@@ -28,12 +28,10 @@ export interface DecodeTask {
   seq: number;
   /** 'multifd/N', for messages. */
   channel: string;
-  mem: BlockMemory;
-  mode: WriteMode;
+  mem: SlotChunks;
   staging: SharedArrayBuffer;
   slotOffset: number;
   normalPages: number;
-  zeroPages: number;
   payloadLen: number;
 }
 
@@ -101,11 +99,11 @@ export class ChannelDecoder {
   }
 
   /**
-   * Decodes `src` (one whole payload) into the pages `indexes[0..normalPages)` of `into`,
-   * page k of the output to page indexes[k] (spec §2.5.2: "page k of the output belongs to
+   * Decodes `src` (one whole payload) into the page slots `indexes[0..normalPages)` of `into`,
+   * page k of the output to slot indexes[k] (spec §2.5.2: "page k of the output belongs to
    * offset[k]"). `channel` prefixes messages.
    */
-  decodePacket(seq: number, src: Uint8Array, indexes: Uint32Array, normalPages: number, into: WindowedMemory, channel: string): void {
+  decodePacket(seq: number, src: Uint8Array, indexes: Uint32Array, normalPages: number, into: SlotMemory, channel: string): void {
     if (this.#failed) throw new MigrationError('ERR_DECOMPRESS', `${channel}: ${this.method} stream already failed`, channel);
     if (seq !== this.#next) {
       this.#failed = true;
@@ -124,17 +122,17 @@ export class ChannelDecoder {
     this.bytes += src.length;
   }
 
-  #decode(src: Uint8Array, indexes: Uint32Array, normalPages: number, into: WindowedMemory, channel: string): void {
+  #decode(src: Uint8Array, indexes: Uint32Array, normalPages: number, into: SlotMemory, channel: string): void {
     const s = this.#s, end = src.length;
     let at = 0;
-    // Output goes to runs of consecutive listed pages (QEMU queues dirty pages in address
-    // order, so a packet is often one run): fewer library calls than page by page, and the
-    // output buffer is still nothing but the packet's own pages.
+    // Output goes to runs of consecutive slots (a packet's slots are handed out in order, so
+    // a packet is often one run): fewer library calls than page by page, and the output
+    // buffer is still nothing but the packet's own slots.
     for (let k = 0; k < normalPages;) {
       const first = indexes[k]!;
       let n = 1;
-      while (k + n < normalPages && indexes[k + n] === first + n && (first + n) >>> PAGES_PER_WINDOW_BITS === first >>> PAGES_PER_WINDOW_BITS) n++;
-      const [view, runAt] = into.locate(first);
+      while (k + n < normalPages && indexes[k + n] === first + n && into.chunkOf(first + n) === into.chunkOf(first)) n++;
+      const view = into.view(first), runAt = into.offset(first);
       const runEnd = runAt + n * TARGET_PAGE_SIZE;
       assert(runEnd <= view.length, 'page index outside the block (the channel validates offsets)');
       for (let filled = runAt; filled < runEnd;) {
@@ -165,37 +163,16 @@ export class ChannelDecoder {
   }
 }
 
-const NO_PAGES = new Uint8Array(0);
-
 /**
- * One packet on the decoder thread: decode the normal pages straight into their target
- * (guest in plain precopy, the COLO cache otherwise), then do what writePages() does for an
- * uncompressed packet: WRITE_BOTH copies each page to guest memory too, WRITE_CACHE marks
- * every normal and zero page dirty, zero pages are written as zeros. The copy and the marks
- * happen only once the whole payload decoded, so a corrupt one leaves guest memory and the
- * dirty bitmap untouched. Returns the pages written.
+ * One packet on the decoder thread: decode the normal pages straight into their slots. In
+ * COLO state those are the checkpoint's pending slots, so a corrupt payload never reaches
+ * the committed image. Returns the pages written.
  */
 export function runDecodeTask(t: DecodeTask, dec: ChannelDecoder): number {
-  const n = t.normalPages + t.zeroPages;
-  const indexes = new Uint32Array(t.staging, t.slotOffset, n);
+  const indexes = new Uint32Array(t.staging, t.slotOffset, t.normalPages);
   const src = new Uint8Array(t.staging, t.slotOffset + SLOT_INDEX_BYTES, t.payloadLen);
-  const toCache = t.mode !== WRITE_GUEST && t.mem.cache !== null;
-  const into = new WindowedMemory(toCache ? t.mem.cache! : t.mem.guest);
-  dec.decodePacket(t.seq, src, indexes, t.normalPages, into, t.channel);
-  if (t.normalPages > 0 && toCache && t.mode === WRITE_BOTH) {
-    const guest = new WindowedMemory(t.mem.guest);
-    for (let k = 0; k < t.normalPages; k++) {
-      const [cv, cat] = into.locate(indexes[k]!);
-      const [gv, gat] = guest.locate(indexes[k]!);
-      gv.set(cv.subarray(cat, cat + TARGET_PAGE_SIZE), gat);
-    }
-  }
-  if (t.normalPages > 0 && t.mode === WRITE_CACHE && t.mem.dirty) {
-    const dirty = new DirtyBitmap(t.mem.dirty, 0);
-    for (let k = 0; k < t.normalPages; k++) dirty.mark(indexes[k]!);
-  }
-  if (t.zeroPages > 0) writePages(t.mem, t.mode, indexes.subarray(t.normalPages), 0, t.zeroPages, NO_PAGES);
-  return n;
+  dec.decodePacket(t.seq, src, indexes, t.normalPages, new SlotMemory(t.mem), t.channel);
+  return t.normalPages;
 }
 
 /**

@@ -1,7 +1,9 @@
+import type { ImageBlock } from '../memory/ram-block.js';
+
 /**
  * The VM as of the last complete checkpoint (spec §5.6): what a fresh QEMU is resumed from.
- * Views point at live guest memory: read them only while no commit runs (IncomingMigration
- * .committedImage() waits for one in flight) or after the migration ended.
+ * Blocks read live through the page table: read them only while no commit runs
+ * (IncomingMigration.committedImage() waits for one in flight) or after the migration ended.
  */
 export interface CommittedImage {
   /** 0 = the initial migration; n = the n-th COLO checkpoint. */
@@ -11,7 +13,7 @@ export interface CommittedImage {
   configuration: Buffer | null;
   /** Section id the source gave the `ram` section; reused when the image is replayed. */
   ramSectionId: number;
-  blocks: { idstr: string; usedLength: number; views: Uint8Array[] }[];
+  blocks: ImageBlock[];
   /** Device sections (FULL, verbatim), without the trailing QEMU_VM_EOF. */
   deviceState: Buffer;
 }

@@ -15,6 +15,7 @@ import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { WRITE_BOTH, WRITE_CACHE, WRITE_GUEST, type WriteMode, type WriteTask } from '../memory/page-writer.js';
 import { RAMBlockList, type RAMBlock } from '../memory/ram-block.js';
+import { chunkSlotBitsFor, Slab } from '../memory/slab.js';
 import { DecoderThread, PagePool } from '../pool/page-pool.js';
 import { ByteQueue } from '../wire/byte-queue.js';
 import {
@@ -61,6 +62,11 @@ export interface IncomingOptions {
   slotsPerChannel?: number;
   /** Committed with every checkpoint and told the ending (replicated disks, src/disk). */
   participants?: CheckpointParticipant[];
+  /**
+   * Cap on guest page memory (the slab), bytes: a checkpoint that would need more fails with
+   * ERR_LIMIT and the committed one is kept (--max-memory).
+   */
+  maxMemoryBytes?: number;
 }
 
 export type Outcome =
@@ -273,6 +279,11 @@ export class IncomingMigration extends EventEmitter {
   readonly #ramSink: RamSink = {
     onMemSize: (list) => {
       if (this.blocks.blocks.length > 0) throw wireError('ERR_UNKNOWN_SECTION', 'ram: second MEM_SIZE list', 'main', this.#mainQ.consumed);
+      const pages = list.reduce((n, b) => n + b.usedLength / 4096, 0);
+      this.blocks.slab = new Slab({
+        chunkSlotBits: chunkSlotBitsFor(pages),
+        ...(this.#opts.maxMemoryBytes !== undefined ? { maxBytes: this.#opts.maxMemoryBytes } : {}),
+      });
       for (const { idstr, usedLength } of list) {
         const b = this.blocks.add(idstr, usedLength);
         if (this.#colo) b.enableColo();
@@ -485,6 +496,7 @@ export class IncomingMigration extends EventEmitter {
   #finishInitial(): void {
     this.#checkChannelsAtRest('the initial migration');
     this.#initialDone = true;
+    this.blocks.slab.releaseDeferred();
     this.#committedBlob = Buffer.concat(this.#deviceSections);
     this.#deviceSections = [];
     this.#committed = 0;
@@ -528,17 +540,22 @@ export class IncomingMigration extends EventEmitter {
   }
 
   /**
-   * colo_flush_ram_cache() + the device-state swap: copy every dirty page cache -> guest on
-   * the pool, then make the blob the committed one, then VMSTATE_LOADED. Nothing reads guest
-   * memory meanwhile: dumps and failover wait for `#commit`.
+   * colo_flush_ram_cache() + the device-state swap: every dirty page's committed entry swings
+   * to the slot the checkpoint wrote (no page copy), then the blob becomes the committed one,
+   * then VMSTATE_LOADED. Runs in one turn of this thread, so no reader sees half of it.
    */
   async #commitCheckpoint(blob: Buffer): Promise<void> {
     const cur = this.#cur!;
     // Participants first: one that refuses (a disk that missed writes) leaves RAM untouched.
     await this.#commitParticipants(cur.index);
     cur.tFlushStart = performance.now();
-    cur.flushedPages = await this.pool.flush(this.blocks.blocks.map((b) => b.memory()));
+    let flushed = 0;
+    for (const b of this.blocks.blocks) flushed += b.commit();
+    const slab = this.blocks.slab;
+    slab.releaseDeferred();
+    cur.flushedPages = flushed;
     cur.tFlushEnd = performance.now();
+    this.#noteDirty(flushed);
     this.#committedBlob = blob.subarray(0, blob.length - 1);
     this.#committed = cur.index;
     this.#blob = null;
@@ -548,6 +565,9 @@ export class IncomingMigration extends EventEmitter {
     this.stats.finish(cur);
     this.#phase = 'colo-idle';
     this.#armHeartbeat();
+    // After the reply: giving chunks back is not on the primary's clock.
+    const trimmed = slab.trim(this.#reserveSlots());
+    if (trimmed > 0) this.log.debug({ chunks: trimmed, bytes: slab.bytes }, 'slab chunks returned');
     this.log.info(this.stats.logLine(cur), 'checkpoint');
     this.emit('checkpoint', { index: cur.index, initial: false, record: cur });
   }
@@ -575,6 +595,26 @@ export class IncomingMigration extends EventEmitter {
       cur.zeroPages += c.zeroPages - b.zero;
       cur.channelBytes.push(c.bytes - b.bytes);
     });
+  }
+
+  /** Dirty pages of the last checkpoints: what the slab keeps free for the next one. */
+  readonly #recentDirty: number[] = [];
+  #noteDirty(pages: number): void {
+    this.#recentDirty.push(pages);
+    if (this.#recentDirty.length > 16) this.#recentDirty.shift();
+  }
+  /** Free slots kept after a commit: twice the largest recent checkpoint, at least one chunk. */
+  #reserveSlots(): number {
+    return Math.max(this.blocks.slab.chunkSlots, 2 * Math.max(0, ...this.#recentDirty));
+  }
+
+  /** Slab figures for summary(): what the protected VM costs in page memory. */
+  memoryStats(): { slabBytes: number; peakSlabBytes: number; usedSlots: number; committedSlots: number; chunkBytes: number } {
+    const slab = this.blocks.slab;
+    return {
+      slabBytes: slab.bytes, peakSlabBytes: slab.peakChunks * slab.chunkBytes, usedSlots: slab.usedSlots,
+      committedSlots: this.blocks.blocks.reduce((n, b) => n + b.committedSlots, 0), chunkBytes: slab.chunkBytes,
+    };
   }
 
   #sortedChannels(): MultiFDChannel[] { return [...this.channels].sort((a, b) => a.id - b.id); }
@@ -731,6 +771,8 @@ export class IncomingMigration extends EventEmitter {
     if (late) { this.#endWith(late, false); return; }
     this.#roundFloor = this.#roundMax;
     this.#barrier = null;
+    // Every page write up to here has settled: slots of pages resent as zero can be reused.
+    this.blocks.slab.releaseDeferred();
     for (const c of this.channels) c.release();
     b.resolve();
   }
@@ -802,6 +844,9 @@ export class IncomingMigration extends EventEmitter {
     if (this.#inColoState && this.#committed >= 0) {
       const inflight = this.#phase !== 'colo-idle' && this.#phase !== 'committing';
       if (inflight && this.#cur) this.stats.discard(this.#cur);
+      // Its pending slots go back; nothing allocates after this, so a page write still on a
+      // worker lands in a free slot that no table entry names.
+      if (inflight) for (const b of this.blocks.blocks) b.discard();
       const reason = `${err.code}: ${err.message}`;
       // A checkpoint whose commit is running is complete: it finishes and is the one held.
       const held = this.#phase === 'committing' && this.#cur ? this.#cur.index : this.#committed;
@@ -863,7 +908,7 @@ export class IncomingMigration extends EventEmitter {
       machineType: this.#machine,
       configuration: this.#configRaw,
       ramSectionId: this.#vm.ramSectionId,
-      blocks: this.blocks.blocks.map((b: RAMBlock) => ({ idstr: b.idstr, usedLength: b.usedLength, views: b.guest.views })),
+      blocks: this.blocks.blocks.map((b: RAMBlock) => b.imageBlock()),
       deviceState: this.#committedBlob,
     };
   }
@@ -898,6 +943,7 @@ export class IncomingMigration extends EventEmitter {
         ...chans.map((c) => ({ channel: c.name, bytes: c.bytes, pages: c.pages, zeroPages: c.zeroPages, packets: c.packets, syncs: c.syncs })),
       ],
       blocks: this.blocks.blocks.map((b) => ({ idstr: b.idstr, usedLength: b.usedLength })),
+      memory: this.memoryStats(),
       checkpoints: this.stats.summary(),
     };
   }

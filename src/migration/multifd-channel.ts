@@ -1,6 +1,7 @@
 import { MigrationError, wireError } from '../errors.js';
 import { SLOT_BYTES, SLOT_INDEX_BYTES, SLOT_PAYLOAD_BYTES, type WriteMode, type WriteTask } from '../memory/page-writer.js';
 import type { RAMBlock } from '../memory/ram-block.js';
+import { chunksFor } from '../memory/slab.js';
 import { ByteQueue } from '../wire/byte-queue.js';
 import {
   MULTIFD_FLAG_SYNC, MULTIFD_INIT_LEN, MULTIFD_PACKET_COMMON_HEADER_LEN, MULTIFD_PACKET_HEADER_LEN, TARGET_PAGE_SIZE,
@@ -13,6 +14,8 @@ export interface ChannelSink {
   onHandshake(ch: MultiFDChannel, init: MultiFDInit): void;
   findBlock(idstr: string): RAMBlock | undefined;
   writeMode(): WriteMode;
+  /** Decode only (`inspect`): offsets are checked, no slot is allocated, pages are counted. */
+  readonly discardPages?: boolean;
   /** Runs a packet's page writes; compression methods route it to the channel's own decoder. */
   submit(ch: MultiFDChannel, task: WriteTask, compressedBytes: number): Promise<number>;
   /**
@@ -194,12 +197,18 @@ export class MultiFDChannel {
           break;
         }
         case St.WaitSlot: {
+          const p = this.#pkt!;
+          // An uncompressed packet of zero pages only has nothing for a worker: the table
+          // entries are the whole write. (A compressed one still continues its stream.)
+          if (p.normalPages === 0 && p.payloadLen === 0 && this.compression === 'none') {
+            this.#placePages(p, this.#block!, -1);
+            this.#afterPacket();
+            break;
+          }
           const slot = this.#free.pop();
           if (slot === undefined) return this.#setBlocked(true);
           this.#slot = slot;
-          const p = this.#pkt!;
-          const idx = slot / 4;
-          for (let k = 0; k < p.normalPages + p.zeroPages; k++) this.#slotIndex[idx + k] = p.offsets[k]! / TARGET_PAGE_SIZE;
+          this.#placePages(p, this.#block!, slot);
           this.#payloadLeft = p.payloadLen;
           this.#state = St.Payload;
           break;
@@ -225,16 +234,31 @@ export class MultiFDChannel {
     }
   }
 
-  #dispatch(p: MultiFDPacket, block: RAMBlock, slot: number): void {
-    const task: WriteTask = {
-      op: 'write', mem: block.memory(), mode: this.sink.writeMode(), staging: this.staging,
-      slotOffset: slot, normalPages: p.normalPages, zeroPages: p.zeroPages,
-    };
-    this.#inflight++;
+  /**
+   * Destination slots for the normal pages (into the staging slot's index area, for the
+   * worker), table entries for the zero pages. Allocation is integer work on this thread, so
+   * workers never contend for it; ERR_LIMIT (--max-memory) surfaces here as a channel error.
+   */
+  #placePages(p: MultiFDPacket, block: RAMBlock, slot: number): void {
+    const mode = this.sink.writeMode();
+    const idx = slot / 4;
+    if (this.sink.discardPages) {
+      // no table to fill: a decoder must not allocate the guest's RAM to read a capture
+    } else for (let k = 0; k < p.normalPages; k++) this.#slotIndex[idx + k] = block.slotFor(p.offsets[k]! / TARGET_PAGE_SIZE, mode);
+    if (!this.sink.discardPages) for (let k = p.normalPages; k < p.normalPages + p.zeroPages; k++) block.zeroPage(p.offsets[k]! / TARGET_PAGE_SIZE, mode);
     this.pages += p.normalPages;
     this.zeroPages += p.zeroPages;
     this.pagesSinceRelease += p.normalPages + p.zeroPages;
     this.bytes += p.payloadLen;
+  }
+
+  #dispatch(p: MultiFDPacket, block: RAMBlock, slot: number): void {
+    const task: WriteTask = {
+      op: 'write',
+      mem: this.sink.discardPages ? { chunkSlotBits: 0, ids: [], chunks: [] } : chunksFor(block.slab, this.#slotIndex.subarray(slot / 4, slot / 4 + p.normalPages), p.normalPages),
+      staging: this.staging, slotOffset: slot, normalPages: p.normalPages,
+    };
+    this.#inflight++;
     this.sink.submit(this, task, this.compression === 'none' ? 0 : p.payloadLen).then(
       () => {
         this.#inflight--;

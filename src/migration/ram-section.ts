@@ -1,7 +1,6 @@
 import { wireError, hex } from '../errors.js';
 import type { RAMBlock } from '../memory/ram-block.js';
-import { PAGES_PER_WINDOW_BITS } from '../memory/shared-layout.js';
-import { WRITE_BOTH, WRITE_CACHE, WRITE_GUEST, type WriteMode } from '../memory/page-writer.js';
+import { WRITE_GUEST, type WriteMode } from '../memory/page-writer.js';
 import type { ByteQueue } from '../wire/byte-queue.js';
 import {
   RAM_SAVE_FLAG_COMPRESS_PAGE, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_FULL,
@@ -27,8 +26,6 @@ export interface RamSink {
 const RamState = { Record: 0, IdstrLen: 1, Idstr: 2, Page: 3, ZeroFill: 4, MemSizeName: 5, MemSizeLen: 6 } as const;
 type RamState = (typeof RamState)[keyof typeof RamState];
 
-const ZERO_PAGE = new Uint8Array(TARGET_PAGE_SIZE);
-const PAGE_IN_WINDOW_MASK = (1 << PAGES_PER_WINDOW_BITS) - 1;
 
 export type RamFeedResult = 'blocked' | 'eos' | 'flush';
 
@@ -36,7 +33,7 @@ export type RamFeedResult = 'blocked' | 'eos' | 'flush';
  * RAM_SAVE_FLAG_* records of a `ram` section body (mirrors ram_load_precopy()).
  * One instance lives for the whole session: the CONTINUE "current block" survives sections
  * and COLO checkpoints (spec §4.6.4). Pages are copied straight from the socket chunks into
- * SharedArrayBuffer memory on this thread; there is no Buffer per page.
+ * their page slot on this thread; there is no Buffer per page. A zero page takes no slot.
  */
 export class RamSectionParser {
   #state: RamState = RamState.Record;
@@ -181,44 +178,31 @@ export class RamSectionParser {
       throw wireError('ERR_RANGE', `ram: illegal RAM offset 0x${this.#addr.toString(16)} in block "${block.idstr}" of 0x${block.usedLength.toString(16)} bytes`, this.channel, at);
     }
     this.#mode = this.sink.writeMode();
-    if (this.sink.discardPages) {
-      this.#target = null;
-    } else {
-      const page = this.#addr / TARGET_PAGE_SIZE;
-      const mem = this.#mode === WRITE_GUEST ? block.guest : block.cache!;
-      // Inline WindowedMemory.locate(): no tuple per page.
-      this.#target = mem.views[page >>> PAGES_PER_WINDOW_BITS]!;
-      this.#targetAt = (page & PAGE_IN_WINDOW_MASK) * TARGET_PAGE_SIZE;
-    }
+    this.#target = null;
     if ((this.#flags & ~RAM_SAVE_FLAG_CONTINUE) === RAM_SAVE_FLAG_ZERO) {
       this.#state = RamState.ZeroFill;
     } else {
+      if (!this.sink.discardPages) {
+        const slot = block.slotFor(this.#addr / TARGET_PAGE_SIZE, this.#mode);
+        this.#target = block.slab.view(slot);
+        this.#targetAt = block.slab.offset(slot);
+      }
       this.#pageLeft = TARGET_PAGE_SIZE;
       this.#state = RamState.Page;
     }
   }
 
   #fillPage(fill: number): void {
-    if (!this.#target) return;
-    // TypedArray#fill on shared memory stores byte by byte (measured 16 µs a page); copying a
-    // plain zero page goes word by word.
-    if (fill === 0) this.#target!.set(ZERO_PAGE, this.#targetAt);
-    else this.#target!.fill(fill, this.#targetAt, this.#targetAt + TARGET_PAGE_SIZE);
+    if (this.sink.discardPages) return;
+    const block = this.#block!;
+    const page = this.#addr / TARGET_PAGE_SIZE;
+    if (fill === 0) { block.zeroPage(page, this.#mode); return; }
+    // 7.2 only: a page of one non-zero byte needs a slot like any data page.
+    const slot = block.slotFor(page, this.#mode);
+    block.slab.view(slot).fill(fill, block.slab.offset(slot), block.slab.offset(slot) + TARGET_PAGE_SIZE);
   }
 
   #finishPage(zero: boolean): void {
-    const block = this.#block!;
-    const page = this.#addr / TARGET_PAGE_SIZE;
-    if (!this.#target) {
-      // discardPages: nothing was written
-    } else if (this.#mode === WRITE_BOTH) {
-      // Precopy with COLO enabled: the page went to the cache; mirror it to guest memory
-      // (ram_load's host_bak copy; multifd_colo_process_recv for multifd pages).
-      const [gv, gat] = block.guest.locate(page);
-      gv.set(this.#target!.subarray(this.#targetAt, this.#targetAt + TARGET_PAGE_SIZE), gat);
-    } else if (this.#mode === WRITE_CACHE) {
-      block.dirty!.mark(page);
-    }
     if (zero) this.zeroPages++; else { this.pages++; this.bytes += TARGET_PAGE_SIZE; }
     this.#target = null;
     this.#state = RamState.Record;

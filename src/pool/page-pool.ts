@@ -2,9 +2,7 @@ import { availableParallelism } from 'node:os';
 import { Piscina } from 'piscina';
 import type { DecodeResult, DecodeTask } from '../compression/decoder.js';
 import { MigrationError } from '../errors.js';
-import { planFlush } from '../memory/colo-flush.js';
-import { runFlushTask, type PageTask, type WriteTask } from '../memory/page-writer.js';
-import type { BlockMemory } from '../memory/shared-layout.js';
+import type { PageTask, WriteTask } from '../memory/page-writer.js';
 
 /**
  * piscina first require()s the worker file and imports it only if that throws. On Node
@@ -61,20 +59,6 @@ export class PagePool {
     const forget = () => { this.#inflight.delete(run); };
     run.then(forget, forget);
     return run;
-  }
-
-  /**
-   * colo_flush_ram_cache() on the pool: the dirty ranges are split into about `threads`
-   * tasks of equal page counts, so the copy cache -> guest runs on every core. Below
-   * `inlinePages` dirty pages the copy runs on this thread: a few hundred pages copy in well
-   * under the cost of waking the workers (bench/flush measures the break-even).
-   * Resolves with the number of pages copied.
-   */
-  async flush(blocks: BlockMemory[], inlinePages = 256): Promise<number> {
-    const { tasks, pages } = planFlush(blocks, this.threads);
-    if (pages <= inlinePages) return tasks.reduce((n, t) => n + runFlushTask(t), 0);
-    const done = await Promise.all(tasks.map((t) => this.#track(this.#pool.run(t))));
-    return done.reduce((a, b) => a + b, 0);
   }
 
   /**

@@ -66,23 +66,24 @@ export function* imageStream(img: CommittedImage): Generator<Buffer> {
   let at = 0;
   for (const b of img.blocks) {
     let first = true;
-    let offset = 0;
-    for (const v of b.views) {
-      const src = Buffer.from(v.buffer, v.byteOffset, v.byteLength);
-      for (let p = 0; p < src.length && offset < b.usedLength; p += TARGET_PAGE_SIZE, offset += TARGET_PAGE_SIZE) {
-        const zero = src.compare(ZERO, 0, TARGET_PAGE_SIZE, p, p + TARGET_PAGE_SIZE) === 0;
-        const flags = (zero ? RAM_SAVE_FLAG_ZERO : RAM_SAVE_FLAG_PAGE) | (first ? 0 : RAM_SAVE_FLAG_CONTINUE);
-        u64(out, at, offset + flags);
-        at += 8;
-        if (first) {
-          out[at++] = b.idstr.length;
-          at += out.write(b.idstr, at, 'latin1');
-          first = false;
-        }
-        if (zero) out[at++] = 0;
-        else { src.copy(out, at, p, p + TARGET_PAGE_SIZE); at += TARGET_PAGE_SIZE; }
-        if (at >= BATCH) { yield out.subarray(0, at); out = Buffer.allocUnsafe(BATCH + 2 * TARGET_PAGE_SIZE); at = 0; }
+    for (let p = 0; p < b.pages; p++) {
+      const offset = p * TARGET_PAGE_SIZE;
+      const v = b.page(p);
+      // A page without a slot is zero; a slot may hold zeros too (7.2 multifd sends every
+      // page as data): either goes out as QEMU sends it, flagged, with no payload.
+      const src = v ? Buffer.from(v.buffer, v.byteOffset, TARGET_PAGE_SIZE) : null;
+      const zero = src === null || src.equals(ZERO);
+      const flags = (zero ? RAM_SAVE_FLAG_ZERO : RAM_SAVE_FLAG_PAGE) | (first ? 0 : RAM_SAVE_FLAG_CONTINUE);
+      u64(out, at, offset + flags);
+      at += 8;
+      if (first) {
+        out[at++] = b.idstr.length;
+        at += out.write(b.idstr, at, 'latin1');
+        first = false;
       }
+      if (zero) out[at++] = 0;
+      else { src!.copy(out, at); at += TARGET_PAGE_SIZE; }
+      if (at >= BATCH) { yield out.subarray(0, at); out = Buffer.allocUnsafe(BATCH + 2 * TARGET_PAGE_SIZE); at = 0; }
     }
   }
   const tail = Buffer.alloc(8 + 5);

@@ -1,22 +1,19 @@
 import type { CommittedImage } from '../migration/committed-image.js';
+import type { ImageBlock } from '../memory/ram-block.js';
+import { TARGET_PAGE_SIZE } from '../wire/constants.js';
 
-/** First differing byte between an image block and an expected buffer, or -1. */
-export function firstDifference(views: Uint8Array[], expected: Uint8Array): number {
-  let base = 0;
-  for (const v of views) {
-    const n = Math.min(v.length, expected.length - base);
-    const a = Buffer.from(v.buffer, v.byteOffset, n);
-    const b = Buffer.from(expected.buffer, expected.byteOffset + base, n);
-    if (!a.equals(b)) {
-      for (let i = 0; i < n; i += 4096) {
-        const k = Math.min(4096, n - i);
-        if (a.compare(b, i, i + k, i, i + k) !== 0) {
-          for (let j = i; j < i + k; j++) if (a[j] !== b[j]) return base + j;
-        }
-      }
-    }
-    base += n;
-    if (base >= expected.length) break;
+const ZERO = Buffer.alloc(TARGET_PAGE_SIZE);
+
+/** First differing byte between an image block (read through its page table) and an expected buffer, or -1. */
+export function firstDifference(block: ImageBlock, expected: Uint8Array): number {
+  const pages = Math.min(block.pages, Math.ceil(expected.length / TARGET_PAGE_SIZE));
+  for (let p = 0; p < pages; p++) {
+    const at = p * TARGET_PAGE_SIZE;
+    const n = Math.min(TARGET_PAGE_SIZE, expected.length - at);
+    const v = block.page(p);
+    const a = v ? Buffer.from(v.buffer, v.byteOffset, n) : ZERO.subarray(0, n);
+    const b = Buffer.from(expected.buffer, expected.byteOffset + at, n);
+    if (!a.equals(b)) for (let j = 0; j < n; j++) if (a[j] !== b[j]) return at + j;
   }
   return -1;
 }
@@ -27,7 +24,7 @@ export function compareImage(img: CommittedImage, expected: Map<string, Uint8Arr
     const e = expected.get(b.idstr);
     if (!e) return `block ${b.idstr}: not in the source`;
     if (e.length !== b.usedLength) return `block ${b.idstr}: ${b.usedLength} bytes, source has ${e.length}`;
-    const d = firstDifference(b.views, e);
+    const d = firstDifference(b, e);
     if (d >= 0) return `block ${b.idstr}: differs first at offset 0x${d.toString(16)}`;
   }
   if (img.blocks.length !== expected.size) return `${img.blocks.length} blocks received, source has ${expected.size}`;

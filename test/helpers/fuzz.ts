@@ -18,6 +18,7 @@
 // COLO checkpoint c and the session ends there, the committed image must be checkpoint c-1
 // exactly, memory and device state.
 
+import { imageBlockBytes } from '../../src/memory/ram-block.js';
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import net from 'node:net';
@@ -531,7 +532,7 @@ export const lag = new LagMonitor();
 // images
 
 function snapshotMemory(mig: IncomingMigration): Map<string, Buffer> {
-  return new Map(mig.blocks.blocks.map((b) => [b.idstr, Buffer.concat(b.guest.views.map((v) => Buffer.from(v)))]));
+  return new Map(mig.blocks.blocks.map((b) => [b.idstr, Buffer.from(b.denseCopy())]));
 }
 
 /** Image with `mem` stored as pages differing from `base` (full copies for the first one). */
@@ -552,9 +553,6 @@ function makeImage(mem: Map<string, Buffer>, device: Buffer, base: Image | undef
   return { blocks, device };
 }
 
-function blockBuffer(views: Uint8Array[]): Buffer {
-  return views.length === 1 ? Buffer.from(views[0]!.buffer, views[0]!.byteOffset, views[0]!.length) : Buffer.concat(views.map((v) => Buffer.from(v)));
-}
 
 const ZERO_PAGE = Buffer.alloc(P);
 
@@ -616,7 +614,7 @@ export async function calibrate(seed: Seed, pool: PagePool): Promise<Reference> 
   } else {
     assert.equal(o.kind, 'completed', `${seed.name}: unmutated precopy replay ended ${JSON.stringify(o)}`);
     assert.ok(r.image);
-    images.set(0, makeImage(new Map(r.image.blocks.map((b) => [b.idstr, blockBuffer(b.views)])), Buffer.from(r.image.deviceState), undefined));
+    images.set(0, makeImage(new Map(r.image.blocks.map((b) => [b.idstr, Buffer.from(imageBlockBytes(b))])), Buffer.from(r.image.deviceState), undefined));
   }
   assert.ok(r.image, `${seed.name}: no committed image`);
   assert.equal(r.committed, seed.colo ? images.size - 1 : 0);
@@ -1408,7 +1406,7 @@ export async function runCase(c: FuzzCase, pool: PagePool, opts: Partial<typeof 
       const exact = benign || (c0 >= 1 && r.committed === c0 - 1) || r.committed < c0;
       if (sameBlocks) {
         let n = 0;
-        for (const b of img.blocks) n += diffPages(blockBuffer(b.views), want.blocks.get(b.idstr)!, false, budget + 1);
+        for (const b of img.blocks) n += diffPages(Buffer.from(imageBlockBytes(b)), want.blocks.get(b.idstr)!, false, budget + 1);
         if (exact && n > 0) return bad('violation', `committed checkpoint ${r.committed} differs from the reference in ${n} page(s)`);
         if (n > budget) return bad('violation', `committed checkpoint ${r.committed}: ${n} page(s) differ, more than the ${budget} the mutations can touch`);
       } else if (exact && !c.muts.some((m) => m.changesBlocks)) return bad('violation', 'block list of the committed image changed');
@@ -1420,7 +1418,7 @@ export async function runCase(c: FuzzCase, pool: PagePool, opts: Partial<typeof 
   // page read while a worker copies it looks torn, so a count over budget is taken again once
   // they are done.
   const guestDiff = async (allowZero: boolean): Promise<number> => {
-    const count = () => r.mig.blocks.blocks.reduce((n, b) => n + diffPages(blockBuffer(b.guest.views), ref.images.get(0)!.blocks.get(b.idstr)!, allowZero, budget + 1), 0);
+    const count = () => r.mig.blocks.blocks.reduce((n, b) => n + diffPages(Buffer.from(b.denseCopy()), ref.images.get(0)!.blocks.get(b.idstr)!, allowZero, budget + 1), 0);
     const n = count();
     if (n <= budget || o.kind === 'completed' || seed.channels === 0) return n;
     await new Promise((res) => setTimeout(res, 200));

@@ -250,8 +250,8 @@ async function parseMultifd(chunks: Buffer[]): Promise<ChannelResult> {
     findBlock: (n) => blocks.get(n),
     writeMode: (): WriteMode => WRITE_GUEST,
     submit: (_c, task) => {
-      const idx = new Uint32Array(task.staging, task.slotOffset, task.normalPages + task.zeroPages);
-      events.push(`write ${task.normalPages}+${task.zeroPages} [${[...idx].join(',')}]`);
+      const idx = new Uint32Array(task.staging, task.slotOffset, task.normalPages);
+      events.push(`write ${task.normalPages} [${[...idx].join(',')}]`);
       return Promise.resolve(runWriteTask(task));
     },
     // the main channel's barrier, released at once

@@ -1,12 +1,11 @@
-// The dirty bitmap against a Set<number> model, and planFlush against the set it must cover.
+// The dirty bitmap against a Set<number> model, and the page table against a dense image.
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import fc from 'fast-check';
-import { planFlush } from '../../src/memory/colo-flush.js';
 import { DirtyBitmap } from '../../src/memory/dirty-bitmap.js';
-import { runFlushTask, type FlushTask } from '../../src/memory/page-writer.js';
+import { WRITE_BOTH, WRITE_CACHE } from '../../src/memory/page-writer.js';
 import { RAMBlock } from '../../src/memory/ram-block.js';
-import type { BlockMemory } from '../../src/memory/shared-layout.js';
+import { Slab } from '../../src/memory/slab.js';
 
 const P = 4096;
 const RUNS = Number(process.env.FUZZ_RUNS ?? 200);
@@ -37,14 +36,6 @@ function bitmapWith(pages: number, dirty: Iterable<number>): DirtyBitmap {
   const bm = DirtyBitmap.alloc(pages);
   for (const p of dirty) bm.mark(p);
   return bm;
-}
-
-/** Pages whose bits lie in a task's word range, read without clearing. */
-function covered(t: FlushTask): number[] {
-  const words = new Int32Array(t.mem.dirty!);
-  const out: number[] = [];
-  for (let i = t.wordFrom; i < t.wordTo; i++) for (let b = 0; b < 32; b++) if (words[i]! & (1 << b)) out.push(i * 32 + b);
-  return out;
 }
 
 const sorted = (s: Iterable<number>): number[] => [...s].sort((a, b) => a - b);
@@ -101,61 +92,46 @@ describe('DirtyBitmap against a Set model', () => {
   });
 });
 
-describe('planFlush', () => {
-  const blockArb = fc.record({ pages: fc.integer({ min: 1, max: 40000 }), colo: fc.boolean() })
-    .chain(({ pages, colo }) => fc.record({ pages: fc.constant(pages), colo: fc.constant(colo), dirty: colo ? dirtyArb(pages) : fc.constant(new Set<number>()) }));
+describe('page table against a dense model', () => {
+  type TOp = { op: 'page'; page: number; seed: number } | { op: 'zero'; page: number } | { op: 'end'; commit: boolean };
+  const tOpArb = (pages: number): fc.Arbitrary<TOp> => fc.oneof(
+    { weight: 6, arbitrary: fc.record({ op: fc.constant('page' as const), page: fc.nat(pages - 1), seed: fc.integer({ min: 1, max: 255 }) }) },
+    { weight: 3, arbitrary: fc.record({ op: fc.constant('zero' as const), page: fc.nat(pages - 1) }) },
+    { weight: 1, arbitrary: fc.record({ op: fc.constant('end' as const), commit: fc.boolean() }) },
+  );
 
-  test('covers exactly the dirty pages with non-overlapping ranges', () => {
-    fc.assert(fc.property(fc.array(blockArb, { minLength: 1, maxLength: 4 }), fc.integer({ min: 1, max: 16 }), (specs, parts) => {
-      const mems: BlockMemory[] = specs.map((s) => s.colo
-        ? { guest: [], cache: [], dirty: bitmapWith(s.pages, s.dirty).sab }
-        : { guest: [], cache: null, dirty: null });
-      const { tasks, pages } = planFlush(mems, parts);
-      const total = specs.reduce((n, s) => n + s.dirty.size, 0);
-      assert.equal(pages, total);
-      if (total === 0) assert.deepEqual(tasks, []);
-      specs.forEach((s, i) => {
-        const mem = mems[i]!;
-        const mine = tasks.filter((t) => t.mem === mem).sort((a, b) => a.wordFrom - b.wordFrom);
-        if (!s.colo) { assert.equal(mine.length, 0, 'a block without COLO cache is never flushed'); return; }
-        const words = Math.ceil(s.pages / 32);
-        for (const t of mine) {
-          assert.equal(t.op, 'flush');
-          assert.ok(t.wordFrom >= 0 && t.wordFrom < t.wordTo && t.wordTo <= words, `range [${t.wordFrom}, ${t.wordTo}) of ${words} words`);
-          assert.ok(covered(t).length > 0, 'no task without a dirty page');
+  test('checkpoints of normal and zero pages, committed or discarded: the image is the model, no slot leaks', () => {
+    const arb = fc.integer({ min: 1, max: 200 }).chain((pages) => fc.tuple(
+      fc.constant(pages), fc.array(fc.tuple(fc.nat(pages - 1), fc.integer({ min: 1, max: 255 })), { maxLength: 100 }), fc.array(tOpArb(pages), { maxLength: 300 })));
+    fc.assert(fc.property(arb, ([pages, initial, ops]) => {
+      const b = new RAMBlock(0, 'pc.ram', pages * P, new Slab({ chunkSlotBits: 4 }));
+      b.enableColo();
+      const model: number[] = new Array(pages).fill(0);   // fill byte of each committed page (0: zero page)
+      for (const [page, seed] of initial) { b.slab.page(b.slotFor(page, WRITE_BOTH)).fill(seed); model[page] = seed; }
+      b.slab.releaseDeferred();
+      let cp = new Map<number, number>();
+      const check = () => {
+        for (let p = 0; p < pages; p++) {
+          const v = b.committedPage(p);
+          if (model[p] === 0) assert.ok(v === null || Buffer.from(v).equals(ZERO), `page ${p} should be zero`);
+          else assert.ok(v !== null && v.every((x) => x === model[p]), `page ${p} should be ${model[p]}`);
         }
-        for (let k = 1; k < mine.length; k++) assert.ok(mine[k - 1]!.wordTo <= mine[k]!.wordFrom, 'ranges overlap');
-        assert.deepEqual(sorted(mine.flatMap(covered)), sorted(s.dirty));
-      });
-      // every task belongs to a listed block
-      for (const t of tasks) assert.ok(mems.includes(t.mem));
-      // no more tasks than ranges allow: at most parts per block plus one per 256-word cut
-      const bound = specs.reduce((n, s) => n + (s.colo ? Math.ceil(Math.ceil(s.pages / 32) / 256) + parts : 0), 0);
-      assert.ok(tasks.length <= bound, `${tasks.length} tasks > ${bound}`);
-    }), { numRuns: RUNS });
-  });
-
-  test('flushing every planned task copies exactly the dirty pages from cache to guest', () => {
-    const arb = fc.array(fc.integer({ min: 1, max: 128 }).chain((pages) => fc.tuple(fc.constant(pages), dirtyArb(pages), fc.nat(255))), { minLength: 1, maxLength: 3 });
-    fc.assert(fc.property(arb, fc.integer({ min: 1, max: 8 }), (specs, parts) => {
-      const blocks = specs.map(([pages, dirty, seed], i) => {
-        const b = new RAMBlock(i, `b${i}`, pages * P);
-        b.enableColo();
-        for (let p = 0; p < pages; p++) b.cache!.page(p).fill((seed + p) & 0xff | 1);   // every cache page differs from guest (zero)
-        for (const p of dirty) b.dirty!.mark(p);
-        return b;
-      });
-      const { tasks, pages } = planFlush(blocks.map((b) => b.memory()), parts);
-      assert.equal(tasks.reduce((n, t) => n + runFlushTask(t), 0), pages);
-      specs.forEach(([n, dirty], i) => {
-        const b = blocks[i]!;
-        for (let p = 0; p < n; p++) {
-          const g = Buffer.from(b.guest.page(p));
-          if (dirty.has(p)) assert.ok(g.equals(Buffer.from(b.cache!.page(p))), `block ${i} page ${p} not flushed`);
-          else assert.ok(g.equals(ZERO), `block ${i} page ${p} written although clean`);
+        b.slab.releaseDeferred();
+        assert.equal(b.slab.usedSlots, b.committedSlots, 'every slot in use is a committed page (no leak)');
+      };
+      for (const o of ops) {
+        if (o.op === 'page') { b.slab.page(b.slotFor(o.page, WRITE_CACHE)).fill(o.seed); cp.set(o.page, o.seed); }
+        else if (o.op === 'zero') { b.zeroPage(o.page, WRITE_CACHE); cp.set(o.page, 0); }
+        else {
+          assert.equal(b.dirty!.count(), cp.size);
+          if (o.commit) { assert.equal(b.commit(), cp.size); for (const [p, v] of cp) model[p] = v; }
+          else assert.equal(b.discard(), cp.size);
+          cp = new Map();
+          check();
         }
-        assert.equal(b.dirty!.count(), 0);
-      });
+      }
+      b.discard();
+      check();
     }), { numRuns: RUNS });
   });
 });

@@ -9,8 +9,8 @@ import fc from 'fast-check';
 import { MigrationError } from '../../src/errors.js';
 import { DirtyBitmap } from '../../src/memory/dirty-bitmap.js';
 import { WRITE_BOTH, WRITE_CACHE, WRITE_GUEST, runWriteTask, type WriteMode } from '../../src/memory/page-writer.js';
-import type { RAMBlock } from '../../src/memory/ram-block.js';
-import { WindowedMemory, type BlockMemory } from '../../src/memory/shared-layout.js';
+import { RAMBlock, ZERO } from '../../src/memory/ram-block.js';
+import { Slab } from '../../src/memory/slab.js';
 import { DEFAULT_LIMITS, type Limits } from '../../src/migration/limits.js';
 import { MultiFDChannel, type ChannelSink } from '../../src/migration/multifd-channel.js';
 import { RamSectionParser, type RamSink } from '../../src/migration/ram-section.js';
@@ -36,47 +36,57 @@ function pageBytes(seed: number): Buffer {
 }
 function be32(n: number): Buffer { const b = Buffer.alloc(4); b.writeUInt32BE(n >>> 0, 0); return b; }
 
-/** A RAMBlock whose memories have guard pages behind used_length and guard bits behind its bitmap. */
-class GuardedBlock {
-  readonly pages: number;
-  readonly #guestSab: SharedArrayBuffer;
-  readonly #cacheSab: SharedArrayBuffer;
-  readonly guest: WindowedMemory;
-  readonly cache: WindowedMemory;
-  readonly dirty: DirtyBitmap;
+/**
+ * A RAMBlock whose slab is filled with a guard byte: a write may land only in a slot the page
+ * table handed out for a page of the block (a write past used_length, or into a slot nobody
+ * asked for, changes a guard). Its dirty bitmap has guard bits behind the block's pages.
+ */
+class GuardedBlock extends RAMBlock {
+  readonly handed = new Set<number>();
 
-  constructor(readonly idstr: string, readonly usedLength: number) {
-    this.pages = usedLength / P;
-    this.#guestSab = GuardedBlock.#region(usedLength);
-    this.#cacheSab = GuardedBlock.#region(usedLength);
-    this.guest = new WindowedMemory([this.#guestSab]);
-    this.cache = new WindowedMemory([this.#cacheSab]);
+  constructor(idstr: string, usedLength: number) {
+    super(0, idstr, usedLength, new Slab({ chunkSlotBits: 4 }));
+    this.enableColo();
     this.dirty = DirtyBitmap.alloc(this.pages + 64);
   }
 
-  static #region(used: number): SharedArrayBuffer {
-    const sab = new SharedArrayBuffer(used + GUARD_PAGES * P);
-    new Uint8Array(sab, used).fill(GUARD_BYTE);
-    return sab;
+  override slotFor(page: number, mode: WriteMode): number {
+    assert.ok(page >= 0 && page < this.pages && Number.isInteger(page), `slot asked for page ${page} outside ${this.idstr}`);
+    const fresh = this.slab.liveChunks;
+    const s = super.slotFor(page, mode);
+    // A chunk the slab just created: guard every slot in it.
+    if (this.slab.liveChunks !== fresh) for (const v of this.slab.views) if (v && !guarded.has(v)) { v.fill(GUARD_BYTE); guarded.add(v); }
+    if (!this.handed.has(s)) { this.handed.add(s); this.slab.page(s).fill(0); }
+    return s;
   }
 
-  memory(): BlockMemory { return { guest: [this.#guestSab], cache: [this.#cacheSab], dirty: this.dirty.sab }; }
-
-  /** Guard pages unchanged and no dirty bit at or past `pages`. */
+  /** Slots never handed out still hold the guard, and no dirty bit at or past `pages`. */
   assertGuards(): void {
-    for (const [what, sab] of [['guest', this.#guestSab], ['cache', this.#cacheSab]] as const) {
-      const guard = new Uint8Array(sab, this.usedLength);
-      assert.ok(guard.every((x) => x === GUARD_BYTE), `a write landed past the end of ${this.idstr} (${what})`);
-    }
-    for (let p = this.pages; p < this.pages + 64; p++) assert.ok(!this.dirty.test(p), `dirty bit ${p} set past the end of ${this.idstr}`);
+    this.slab.views.forEach((v, c) => {
+      if (!v) return;
+      for (let k = 0; k < this.slab.chunkSlots; k++) {
+        const slot = c * this.slab.chunkSlots + k;
+        if (this.handed.has(slot)) continue;
+        assert.ok(v.subarray(k * P, (k + 1) * P).every((x) => x === GUARD_BYTE), `a write landed in slot ${slot}, which no page of ${this.idstr} owns`);
+      }
+    });
+    for (let p = this.pages; p < this.pages + 64; p++) assert.ok(!this.dirty!.test(p), `dirty bit ${p} set past the end of ${this.idstr}`);
   }
 
+  /** The image as a reader sees it: committed pages, overlaid with the checkpoint's pending ones. */
   guestHash(): string {
-    return createHash('sha256').update(new Uint8Array(this.#guestSab, 0, this.usedLength)).digest('hex');
+    const out = Buffer.from(this.denseCopy());
+    for (let p = 0; p < this.pages; p++) {
+      const e = this.pending![p]!;
+      if (e >= 0) out.set(this.slab.page(e), p * P);
+      else if (e === ZERO) out.fill(0, p * P, (p + 1) * P);
+    }
+    return createHash('sha256').update(out).digest('hex');
   }
 
-  asRAMBlock(): RAMBlock { return this as unknown as RAMBlock; }
+  asRAMBlock(): RAMBlock { return this; }
 }
+const guarded = new WeakSet<Uint8Array>();
 
 class GuardedBlocks {
   readonly list: GuardedBlock[] = [];

@@ -8,7 +8,7 @@ import { zstd } from '../../src/compression/zstd.js';
 import { MigrationError } from '../../src/errors.js';
 import { SLOT_BYTES, SLOT_INDEX_BYTES, WRITE_BOTH, WRITE_CACHE, WRITE_GUEST, type WriteMode } from '../../src/memory/page-writer.js';
 import { RAMBlock } from '../../src/memory/ram-block.js';
-import { WindowedMemory } from '../../src/memory/shared-layout.js';
+import { chunksFor, Slab, SlotMemory } from '../../src/memory/slab.js';
 import { DecoderThread } from '../../src/pool/page-pool.js';
 import type { MultiFDEncoder } from '../../src/sender/multifd-builder.js';
 import { ZlibEncoder, ZstdEncoder } from '../../src/sender/multifd-compress.js';
@@ -48,20 +48,40 @@ function stream(method: CompressionMethod, counts: number[], blockPages: number,
 }
 
 function block(pages: number): RAMBlock {
-  const b = new RAMBlock(0, 'pc.ram', pages * P);
+  const b = new RAMBlock(0, 'pc.ram', pages * P, new Slab({ chunkSlotBits: 8 }));
   b.enableColo();
   return b;
 }
 
-/** A staging slot with the packet's page indexes and payload, and its task (cf. MultiFDChannel). */
+/** Slots for pages as the channel picks them (normal pages), and the zero pages recorded. */
+function place(b: RAMBlock, mode: WriteMode, indexes: number[], normalPages: number): number[] {
+  const slots = indexes.slice(0, normalPages).map((pg) => b.slotFor(pg, mode));
+  for (const pg of indexes.slice(normalPages)) b.zeroPage(pg, mode);
+  return slots;
+}
+
+/** Every chunk of the block's slab, for decoding outside a task. */
+function slotsOf(b: RAMBlock, indexes: number[]): [Uint32Array, SlotMemory] {
+  const slots = Uint32Array.from(place(b, WRITE_GUEST, indexes, indexes.length));
+  return [slots, new SlotMemory(chunksFor(b.slab, slots, slots.length))];
+}
+
+/** A staging slot with the packet's page slots and payload, and its task (cf. MultiFDChannel). */
 function task(method: CompressionMethod, b: RAMBlock, mode: WriteMode, seq: number, indexes: number[], normalPages: number, payload: Uint8Array,
               staging = new SharedArrayBuffer(SLOT_BYTES), slotOffset = 0, key = 'k'): DecodeTask {
-  new Uint32Array(staging, slotOffset, indexes.length).set(indexes);
+  const slots = place(b, mode, indexes, normalPages);
+  new Uint32Array(staging, slotOffset, slots.length).set(slots);
   new Uint8Array(staging, slotOffset + SLOT_INDEX_BYTES, payload.length).set(payload);
   return {
-    op: 'decode', key, method, seq, channel: 'multifd/0', mem: b.memory(), mode, staging, slotOffset,
-    normalPages, zeroPages: indexes.length - normalPages, payloadLen: payload.length,
+    op: 'decode', key, method, seq, channel: 'multifd/0', mem: chunksFor(b.slab, slots, slots.length), staging, slotOffset,
+    normalPages, payloadLen: payload.length,
   };
+}
+
+/** Decodes a packet into the pages `indexes` (committed, in place) through the channel's decoder. */
+function decodeInto(dec: ChannelDecoder, b: RAMBlock, seq: number, p: { payload: Uint8Array; indexes: number[] }, normalPages: number): void {
+  const [slots, mem] = slotsOf(b, p.indexes.slice(0, normalPages));
+  dec.decodePacket(seq, p.payload, slots, normalPages, mem, 'multifd/0');
 }
 
 function code(fn: () => unknown): string {
@@ -69,14 +89,21 @@ function code(fn: () => unknown): string {
   return 'no error';
 }
 
-/** Every page of `mem` except `allowed` equals `before`. */
-function assertUntouchedExcept(mem: WindowedMemory, before: Buffer, allowed: number[], what: string): void {
-  const now = Buffer.from(mem.views[0]!);
+/** The whole slab, chunk by chunk. */
+function slabBytes(b: RAMBlock): Buffer[] { return b.slab.views.map((v) => Buffer.from(v ?? new Uint8Array(0))); }
+
+/** Every slot of the slab except `allowed` equals `before`. */
+function assertUntouchedExcept(b: RAMBlock, before: Buffer[], allowed: number[], what: string): void {
   const ok = new Set(allowed);
-  for (let p = 0; p < now.length / P; p++) {
-    if (ok.has(p)) continue;
-    if (!now.subarray(p * P, (p + 1) * P).equals(before.subarray(p * P, (p + 1) * P))) assert.fail(`${what}: page ${p} outside the packet was written`);
-  }
+  b.slab.views.forEach((v, c) => {
+    const now = Buffer.from(v ?? new Uint8Array(0)), was = before[c] ?? Buffer.alloc(0);
+    for (let k = 0; k < now.length / P; k++) {
+      const slot = c * b.slab.chunkSlots + k;
+      if (ok.has(slot)) continue;
+      const old = was.length > 0 ? was.subarray(k * P, (k + 1) * P) : Buffer.alloc(P);
+      if (!now.subarray(k * P, (k + 1) * P).equals(old)) assert.fail(`${what}: slot ${slot} outside the packet was written`);
+    }
+  });
 }
 
 describe('ZlibEncoder and ZstdEncoder write what QEMU 7.2 writes', () => {
@@ -110,7 +137,7 @@ describe('ChannelDecoder', () => {
       const counts = [1, 128, 5, 64, 2, 128, 17, 1, 33, 100];
       const b = block(1024), pk = stream(method, counts, 1024, 7);
       const dec = new ChannelDecoder(method);
-      pk.forEach((p, seq) => dec.decodePacket(seq, p.payload, Uint32Array.from(p.indexes), p.pages.length, b.guest, 'multifd/0'));
+      pk.forEach((p, seq) => decodeInto(dec, b, seq, p, p.pages.length));
       for (const p of pk) p.indexes.forEach((pg, k) => assert.ok(Buffer.from(b.guest.page(pg)).equals(p.pages[k]!), `page ${pg}`));
       assert.equal(dec.pages, counts.reduce((a, n) => a + n, 0));
     });
@@ -120,22 +147,22 @@ describe('ChannelDecoder', () => {
       const b = block(1024), pk = stream(method, counts, 1024, 8, true);
       assert.ok(pk.some((p) => p.indexes.every((pg, k) => k === 0 || pg === p.indexes[k - 1]! + 1)), 'some packet is one run');
       const dec = new ChannelDecoder(method);
-      pk.forEach((p, seq) => dec.decodePacket(seq, p.payload, Uint32Array.from(p.indexes), p.pages.length, b.guest, 'multifd/0'));
+      pk.forEach((p, seq) => decodeInto(dec, b, seq, p, p.pages.length));
       for (const p of pk) p.indexes.forEach((pg, k) => assert.ok(Buffer.from(b.guest.page(pg)).equals(p.pages[k]!), `page ${pg}`));
     });
 
     test(`${method}: a later payload does not decode with a fresh decoder (the stream continues across packets)`, () => {
       const b = block(64), pk = stream(method, [8, 8], 64, 3);
       const dec = new ChannelDecoder(method);
-      assert.equal(code(() => dec.decodePacket(0, pk[1]!.payload, Uint32Array.from(pk[1]!.indexes), 8, b.guest, 'multifd/0')), 'ERR_DECOMPRESS');
+      assert.equal(code(() => decodeInto(dec, b, 0, pk[1]!, 8)), 'ERR_DECOMPRESS');
     });
 
     test(`${method}: a packet out of order is ERR_WORKER, and the decoder refuses everything after a failure`, () => {
       const b = block(64), pk = stream(method, [4, 4, 4], 64);
       const dec = new ChannelDecoder(method);
-      dec.decodePacket(0, pk[0]!.payload, Uint32Array.from(pk[0]!.indexes), 4, b.guest, 'multifd/0');
-      assert.equal(code(() => dec.decodePacket(2, pk[2]!.payload, Uint32Array.from(pk[2]!.indexes), 4, b.guest, 'multifd/0')), 'ERR_WORKER');
-      assert.equal(code(() => dec.decodePacket(1, pk[1]!.payload, Uint32Array.from(pk[1]!.indexes), 4, b.guest, 'multifd/0')), 'ERR_DECOMPRESS');
+      decodeInto(dec, b, 0, pk[0]!, 4);
+      assert.equal(code(() => decodeInto(dec, b, 2, pk[2]!, 4)), 'ERR_WORKER');
+      assert.equal(code(() => decodeInto(dec, b, 1, pk[1]!, 4)), 'ERR_DECOMPRESS');
     });
   }
 });
@@ -158,30 +185,26 @@ describe('corrupt payloads: ERR_DECOMPRESS, nothing written outside the packet\'
     for (const c of cases) {
       for (const [mode, runs] of [[WRITE_GUEST, false], [WRITE_BOTH, false], [WRITE_CACHE, false], [WRITE_GUEST, true], [WRITE_CACHE, true]] as const) {
         test(`${method}, ${c.name}, mode ${mode}, pages ${runs ? 'in runs' : 'scattered'}`, () => {
-          const b = block(1024), rnd = new Prng(9);
-          // memory holds a pattern everywhere, so a stray write shows
-          for (const v of [...b.guest.views, ...b.cache!.views]) for (let i = 0; i < v.length; i += 97) v[i] = (i >> 7) & 0xff;
+          const b = block(2048), rnd = new Prng(9);
           const [good, next] = stream(method, [40, 60], 512, 5, runs) as [Packet, Packet];
           const dec = new ChannelDecoders();
+          // every page holds a slot with a pattern, so a stray write shows
+          for (let pg = 0; pg < 1024; pg++) b.slotFor(pg, WRITE_GUEST);
+          for (const v of b.slab.views) for (let i = 0; i < v!.length; i += 97) v![i] = (i >> 7) & 0xff;
           assert.equal(dec.run(task(method, b, mode, 0, good.indexes, 40, good.payload)), 40);
-          const guestBefore = Buffer.from(b.guest.views[0]!), cacheBefore = Buffer.from(b.cache!.views[0]!);
-          const dirtyBefore = b.dirty!.count();
+          const committedBefore = [...b.committed];
           const [payload, normal] = c.make(good, next, rnd);
           const indexes = next.indexes.slice(0, Math.min(normal, next.indexes.length));
           // an extra listed page; in runs right after the last one, so the output span grows
           while (indexes.length < normal) indexes.push(runs ? indexes[indexes.length - 1]! + 1 : 1000 + indexes.length);
-          const r = dec.run(task(method, b, mode, 1, indexes, normal, payload));
-          if (c.undetectable && typeof r === 'number') {
-            assertUntouchedExcept(mode === WRITE_GUEST ? b.guest : b.cache!, mode === WRITE_GUEST ? guestBefore : cacheBefore, indexes, 'decode target');
-            return;
-          }
+          const t = task(method, b, mode, 1, indexes, normal, payload);
+          const allowed = [...new Uint32Array(t.staging, t.slotOffset, normal)];
+          const before = slabBytes(b);
+          const r = dec.run(t);
+          assertUntouchedExcept(b, before, allowed, 'decode target');
+          if (mode === WRITE_CACHE) assert.deepEqual([...b.committed], committedBefore, 'committed table untouched by a checkpoint packet');
+          if (c.undetectable && typeof r === 'number') return;
           assert.equal(typeof r === 'number' ? 'no error' : r.code, 'ERR_DECOMPRESS');
-          const target = mode === WRITE_GUEST ? b.guest : b.cache!;
-          assertUntouchedExcept(target, mode === WRITE_GUEST ? guestBefore : cacheBefore, indexes, 'decode target');
-          if (mode !== WRITE_GUEST) {
-            assert.ok(Buffer.from(b.guest.views[0]!).equals(guestBefore), 'guest memory untouched when the packet goes to the cache');
-            assert.equal(b.dirty!.count(), dirtyBefore, 'no dirty bit for a refused packet');
-          }
           // the stream is dead: the good next packet is refused too
           const again = dec.run(task(method, b, mode, 2, next.indexes, next.pages.length, next.payload));
           assert.equal(typeof again === 'number' ? 'no error' : again.code, 'ERR_DECOMPRESS');
@@ -193,50 +216,38 @@ describe('corrupt payloads: ERR_DECOMPRESS, nothing written outside the packet\'
 
 describe('runDecodeTask writes like an uncompressed packet', () => {
   for (const method of METHODS) {
-    test(`${method}: WRITE_GUEST writes guest memory only, zero pages as zeros`, () => {
+    test(`${method}: WRITE_GUEST writes committed pages in place; a zero page drops its slot`, () => {
       const b = block(64), [p] = stream(method, [6], 64, 2) as [Packet];
       b.guest.page(60).fill(0xcc);
       const dec = new ChannelDecoder(method);
-      assert.equal(runDecodeTask(task(method, b, WRITE_GUEST, 0, [...p.indexes, 60], 6, p.payload), dec), 7);
+      assert.equal(runDecodeTask(task(method, b, WRITE_GUEST, 0, [...p.indexes, 60], 6, p.payload), dec), 6);
       p.indexes.forEach((pg, k) => assert.ok(Buffer.from(b.guest.page(pg)).equals(p.pages[k]!)));
-      assert.ok(Buffer.from(b.guest.page(60)).equals(Buffer.alloc(P)));
-      for (const pg of p.indexes) assert.ok(Buffer.from(b.cache!.page(pg)).equals(Buffer.alloc(P)), 'cache untouched');
+      assert.equal(b.committedPage(60), null);
       assert.equal(b.dirty!.count(), 0);
     });
 
-    test(`${method}: WRITE_BOTH writes cache and guest, no dirty bits`, () => {
+    test(`${method}: WRITE_CACHE writes pending slots only and marks normal and zero pages dirty`, () => {
       const b = block(64), [p] = stream(method, [6], 64, 2) as [Packet];
-      b.guest.page(61).fill(0xcc);
-      b.cache!.page(61).fill(0xcc);
-      runDecodeTask(task(method, b, WRITE_BOTH, 0, [...p.indexes, 61], 6, p.payload), new ChannelDecoder(method));
-      p.indexes.forEach((pg, k) => {
-        assert.ok(Buffer.from(b.guest.page(pg)).equals(p.pages[k]!));
-        assert.ok(Buffer.from(b.cache!.page(pg)).equals(p.pages[k]!));
-      });
-      assert.ok(Buffer.from(b.guest.page(61)).equals(Buffer.alloc(P)));
-      assert.ok(Buffer.from(b.cache!.page(61)).equals(Buffer.alloc(P)));
-      assert.equal(b.dirty!.count(), 0);
-    });
-
-    test(`${method}: WRITE_CACHE writes the cache only and marks normal and zero pages dirty`, () => {
-      const b = block(64), [p] = stream(method, [6], 64, 2) as [Packet];
-      b.cache!.page(62).fill(0xcc);
+      b.guest.page(62).fill(0xcc);
       runDecodeTask(task(method, b, WRITE_CACHE, 0, [...p.indexes, 62], 6, p.payload), new ChannelDecoder(method));
       p.indexes.forEach((pg, k) => {
         assert.ok(Buffer.from(b.cache!.page(pg)).equals(p.pages[k]!));
-        assert.ok(Buffer.from(b.guest.page(pg)).equals(Buffer.alloc(P)), 'guest untouched until the flush');
+        assert.equal(b.committedPage(pg), null, 'committed untouched until the commit');
         assert.ok(b.dirty!.test(pg));
       });
       assert.ok(Buffer.from(b.cache!.page(62)).equals(Buffer.alloc(P)));
       assert.ok(b.dirty!.test(62));
       assert.equal(b.dirty!.count(), 7);
+      b.commit();
+      p.indexes.forEach((pg, k) => assert.ok(Buffer.from(b.committedPage(pg)!).equals(p.pages[k]!)));
+      assert.equal(b.committedPage(62), null);
     });
 
     test(`${method}: a packet of zero pages only does not touch the stream`, () => {
       const b = block(64), pk = stream(method, [3, 3], 64, 4);
       const dec = new ChannelDecoder(method);
       runDecodeTask(task(method, b, WRITE_GUEST, 0, pk[0]!.indexes, 3, pk[0]!.payload), dec);
-      runDecodeTask(task(method, b, WRITE_GUEST, 1, [63], 0, new Uint8Array(0)), dec);
+      assert.equal(runDecodeTask(task(method, b, WRITE_GUEST, 1, [63], 0, new Uint8Array(0)), dec), 0);
       runDecodeTask(task(method, b, WRITE_GUEST, 2, pk[1]!.indexes, 3, pk[1]!.payload), dec);
       pk[1]!.indexes.forEach((pg, k) => assert.ok(Buffer.from(b.guest.page(pg)).equals(pk[1]!.pages[k]!)));
     });

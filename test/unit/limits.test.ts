@@ -7,6 +7,7 @@
 // connection, net.Socket timeout semantics) except where a real listener is the point.
 //
 // Tests marked "fixed in <commit>" failed on the receiver before that commit.
+import { imageBlockBytes } from '../../src/memory/ram-block.js';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import net from 'node:net';
@@ -330,7 +331,7 @@ describe('dead peers', () => {
       assert.ok(r.image);
       const want = seed.ref!.images.get(1)!;
       for (const b of r.image.blocks) {
-        assert.equal(diffPages(Buffer.concat(b.views.map((v) => Buffer.from(v))), want.blocks.get(b.idstr)!, false), 0, `block ${b.idstr} equals checkpoint 1`);
+        assert.equal(diffPages(imageBlockBytes(b), want.blocks.get(b.idstr)!, false), 0, `block ${b.idstr} equals checkpoint 1`);
       }
       assert.ok(r.image.deviceState.equals(want.device), 'device state of checkpoint 1');
     });
@@ -486,7 +487,7 @@ describe('multifd synchronisation', () => {
     const extra = encodeMultiFDPacketHeader({ flags: MULTIFD_FLAG_SYNC, pagesAlloc: 128, normalPages: 0, nextPacketSize: 0, packetNum: 99, ramblock: '', offsets: [] });
     const mutated = Buffer.concat([ch.subarray(0, at), extra, ch.subarray(at)]);
     const r = await run({ conns: [built.conns[0]!, conn('multifd-0', mutated)], at: built.at }, { channels: 1 });
-    assert.equal(errorOf(r.outcome)?.code, 'ERR_SYNC', `${JSON.stringify(r.outcome)}; pages of the unmatched packet ${Buffer.from(r.image?.blocks[0]!.views[0]!.subarray(8 * P, 8 * P + 1) ?? []).toString('hex')}`);
+    assert.equal(errorOf(r.outcome)?.code, 'ERR_SYNC', `${JSON.stringify(r.outcome)}; pages of the unmatched packet ${(r.image ? imageBlockBytes(r.image.blocks[0]!).subarray(8 * P, 8 * P + 1) : Buffer.alloc(0)).toString('hex')}`);
   });
 });
 
@@ -598,7 +599,7 @@ describe('multifd synchronisation in precopy', () => {
       const o = await mig.done;
       await sleep(50);
       const img = await mig.committedImage();
-      const page8 = img ? img.blocks[0]!.views[0]![8 * P] : undefined;
+      const page8 = img ? imageBlockBytes(img.blocks[0]!)[8 * P] : undefined;
       await mig.close();
       return { o, page8 };
     };

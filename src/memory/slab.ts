@@ -1,0 +1,188 @@
+import { MigrationError } from '../errors.js';
+import { TARGET_PAGE_SIZE } from '../wire/constants.js';
+
+/**
+ * 32 MiB chunks: large enough that glibc mmaps them (and, with glibc.malloc.hugetlb=1,
+ * madvises them for transparent huge pages), small enough that memory follows the data.
+ */
+export const MAX_CHUNK_SLOT_BITS = 13;
+
+/** Chunk size for a migration of `pages` guest pages: a tiny test guest does not reserve 32 MiB. */
+export function chunkSlotBitsFor(pages: number): number {
+  return Math.max(4, Math.min(MAX_CHUNK_SLOT_BITS, Math.ceil(Math.log2(Math.max(1, pages)))));
+}
+
+export interface SlabOptions {
+  /** Cap on the bytes of chunks held at once (--max-memory); allocation beyond it is ERR_LIMIT. */
+  maxBytes?: number;
+  chunkSlotBits?: number;
+}
+
+/**
+ * 4 KiB page slots in SharedArrayBuffer chunks, allocated on demand. A slot is an integer:
+ * chunk = slot >>> chunkSlotBits. Only the main thread allocates and frees (it parses every
+ * header, so it is the one place that knows where a page goes); workers are handed slot
+ * numbers and the chunks they touch, and only copy bytes.
+ *
+ * Allocation takes the lowest chunk with a free slot, so after a large checkpoint the high
+ * chunks drain and trim() can give them back to the system whole.
+ */
+export class Slab {
+  readonly chunkSlotBits: number;
+  readonly chunkSlots: number;
+  readonly chunkBytes: number;
+  readonly maxChunks: number;
+  readonly chunks: (SharedArrayBuffer | null)[] = [];
+  readonly views: (Uint8Array | null)[] = [];
+  /** Per chunk: a stack of its free slot numbers, and how many are on it. */
+  readonly #free: (Int32Array | null)[] = [];
+  readonly #nfree: number[] = [];
+  /** No chunk below this one has a free slot. */
+  #lowest = 0;
+  #live = 0;
+  #used = 0;
+  /**
+   * Slots that may still be the target of a page write in flight (a page resent as zero
+   * while its earlier copy is on a worker): reused only after the next quiescent point.
+   */
+  #deferred: number[] = [];
+  /** Highest number of chunks held at once. */
+  peakChunks = 0;
+
+  constructor(opts: SlabOptions = {}) {
+    this.chunkSlotBits = opts.chunkSlotBits ?? MAX_CHUNK_SLOT_BITS;
+    this.chunkSlots = 1 << this.chunkSlotBits;
+    this.chunkBytes = this.chunkSlots * TARGET_PAGE_SIZE;
+    this.maxChunks = opts.maxBytes === undefined ? Infinity : Math.floor(opts.maxBytes / this.chunkBytes);
+  }
+
+  /** Slots in use (committed, pending or deferred). */
+  get usedSlots(): number { return this.#used; }
+  get liveChunks(): number { return this.#live; }
+  get bytes(): number { return this.#live * this.chunkBytes; }
+  get freeSlots(): number { return this.#live * this.chunkSlots - this.#used; }
+
+  alloc(): number {
+    for (;;) {
+      const c = this.#lowest;
+      if (c >= this.chunks.length || this.chunks[c] === null) this.#addChunk(c);
+      if (this.#nfree[c]! > 0) {
+        this.#used++;
+        return this.#free[c]![--this.#nfree[c]!]!;
+      }
+      this.#lowest++;
+    }
+  }
+
+  free(slot: number): void {
+    const c = slot >>> this.chunkSlotBits;
+    this.#free[c]![this.#nfree[c]!++] = slot;
+    this.#used--;
+    if (c < this.#lowest) this.#lowest = c;
+  }
+
+  deferFree(slot: number): void { this.#deferred.push(slot); }
+
+  /** A quiescent point (no page write in flight): deferred slots become free. */
+  releaseDeferred(): void {
+    if (this.#deferred.length === 0) return;
+    for (const s of this.#deferred) this.free(s);
+    this.#deferred = [];
+  }
+
+  #addChunk(c: number): void {
+    if (this.#live + 1 > this.maxChunks) {
+      throw new MigrationError('ERR_LIMIT', `memory: ${this.#live} chunks of ${this.chunkBytes >> 20} MiB in use, another would exceed --max-memory ${this.maxChunks * this.chunkBytes} bytes`);
+    }
+    const sab = new SharedArrayBuffer(this.chunkBytes);
+    const stack = new Int32Array(this.chunkSlots);
+    // Popped from the end: the lowest slot first, so a chunk fills front to back.
+    for (let i = 0; i < this.chunkSlots; i++) stack[i] = c * this.chunkSlots + this.chunkSlots - 1 - i;
+    while (this.chunks.length <= c) { this.chunks.push(null); this.views.push(null); this.#free.push(null); this.#nfree.push(0); }
+    this.chunks[c] = sab;
+    this.views[c] = new Uint8Array(sab);
+    this.#free[c] = stack;
+    this.#nfree[c] = this.chunkSlots;
+    this.#live++;
+    if (this.#live > this.peakChunks) this.peakChunks = this.#live;
+  }
+
+  /**
+   * Gives whole free chunks back (highest first) while more than `reserveSlots` slots would
+   * stay free. The SharedArrayBuffer is unmapped once no thread references it: tasks hold
+   * their chunks only while they run. Returns the chunks released.
+   */
+  trim(reserveSlots: number): number {
+    let n = 0;
+    for (let c = this.chunks.length - 1; c >= 0; c--) {
+      if (this.chunks[c] === null || this.#nfree[c] !== this.chunkSlots) continue;
+      if (this.freeSlots - this.chunkSlots < reserveSlots) break;
+      this.chunks[c] = null;
+      this.views[c] = null;
+      this.#free[c] = null;
+      this.#nfree[c] = 0;
+      this.#live--;
+      n++;
+    }
+    while (this.chunks.length > 0 && this.chunks[this.chunks.length - 1] === null) {
+      this.chunks.pop(); this.views.pop(); this.#free.pop(); this.#nfree.pop();
+    }
+    if (this.#lowest > this.chunks.length) this.#lowest = this.chunks.length;
+    return n;
+  }
+
+  /** The chunk view holding a slot (main thread). */
+  view(slot: number): Uint8Array { return this.views[slot >>> this.chunkSlotBits]!; }
+  offset(slot: number): number { return (slot & (this.chunkSlots - 1)) * TARGET_PAGE_SIZE; }
+  page(slot: number): Uint8Array {
+    const at = this.offset(slot);
+    return this.view(slot).subarray(at, at + TARGET_PAGE_SIZE);
+  }
+}
+
+/**
+ * What a worker gets for one task: the chunks its slots live in (a packet's slots come from
+ * one or two chunks, so this stays short), not the whole slab.
+ */
+export interface SlotChunks {
+  chunkSlotBits: number;
+  ids: number[];
+  chunks: SharedArrayBuffer[];
+}
+
+/** The chunks that slots[0..n) live in. */
+export function chunksFor(slab: Slab, slots: Uint32Array | number[], n: number): SlotChunks {
+  const ids: number[] = [], chunks: SharedArrayBuffer[] = [];
+  let last = -1;
+  for (let k = 0; k < n; k++) {
+    const c = slots[k]! >>> slab.chunkSlotBits;
+    if (c === last || ids.includes(c)) { last = c; continue; }
+    ids.push(c);
+    chunks.push(slab.chunks[c]!);
+    last = c;
+  }
+  return { chunkSlotBits: slab.chunkSlotBits, ids, chunks };
+}
+
+/** Worker side: byte views of a task's chunks, indexed by slot. */
+export class SlotMemory {
+  readonly #bits: number;
+  readonly #mask: number;
+  readonly #ids: number[];
+  readonly #views: Uint8Array[];
+  constructor(c: SlotChunks) {
+    this.#bits = c.chunkSlotBits;
+    this.#mask = (1 << c.chunkSlotBits) - 1;
+    this.#ids = c.ids;
+    this.#views = c.chunks.map((s) => new Uint8Array(s));
+  }
+  /** The chunk view of a slot; a slot outside the task's chunks is a bug, never a stray write. */
+  view(slot: number): Uint8Array {
+    const c = slot >>> this.#bits;
+    const ids = this.#ids;
+    for (let j = 0; j < ids.length; j++) if (ids[j] === c) return this.#views[j]!;
+    throw new Error(`slot ${slot} is not in the task's chunks`);
+  }
+  offset(slot: number): number { return (slot & this.#mask) * TARGET_PAGE_SIZE; }
+  chunkOf(slot: number): number { return slot >>> this.#bits; }
+}
