@@ -10,7 +10,11 @@ const CLI = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
 
 export class ReceiverChild {
   readonly exited: Promise<number>;
-  readonly pid: number;
+  /**
+   * The receiver's own pid: the CLI re-executes itself once for huge pages, and the process
+   * that holds the guest (what schedstat and VmHWM must read) names itself when listening.
+   */
+  pid: number;
   stderrTail = '';
   #port: Promise<number>;
   #nbdPort: Promise<number>;
@@ -39,7 +43,11 @@ export class ReceiverChild {
           continue;
         }
         if (!line.includes('waiting for an incoming migration')) continue;
-        try { resolvePort(Number((JSON.parse(line) as { port: number }).port)); } catch { /* not JSON */ }
+        try {
+          const m = JSON.parse(line) as { port: number; pid?: number };
+          if (typeof m.pid === 'number') this.pid = m.pid;
+          resolvePort(Number(m.port));
+        } catch { /* not JSON */ }
       }
     });
     child.stdout!.setEncoding('utf8').on('data', (d: string) => { this.#log.write(d); });
@@ -74,7 +82,12 @@ export class ReceiverChild {
     try { return await this.exited; } finally { clearTimeout(t); }
   }
 
-  kill(): void { if (this.alive) this.child.kill('SIGKILL'); }
+  kill(): void {
+    if (!this.alive) return;
+    // The re-executed receiver follows its parent out, but not before it noticed: kill both.
+    if (this.pid !== this.child.pid) { try { process.kill(this.pid, 'SIGKILL'); } catch { /* gone */ } }
+    this.child.kill('SIGKILL');
+  }
 }
 
 /**

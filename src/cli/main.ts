@@ -8,6 +8,7 @@ import { parseDiskSpec } from '../disk/index.js';
 import { receive, type ReceiveOptions } from './receive.js';
 import { loadClientCreds, loadServerCreds, parseAuthzList, TlsCredsError } from '../net/tls.js';
 import { parseMetricsAddress, type MetricsAddress } from '../ops/metrics.js';
+import { followParent, hugePagesDecision, hugePagesState, reexecWithHugePages } from './huge-pages.js';
 
 const HELP = `colo-receiver: a store-only QEMU COLO secondary (QEMU migration wire protocol, multifd, COLO)
 
@@ -90,6 +91,12 @@ listen options:
                             VM runs (the failover waits for it); sync: written and fdatasync'ed
                             inside the checkpoint pause
   --max-ram BYTES           cap on the total RAM a source may announce (default 64 GiB)
+  --max-memory BYTES        cap on guest page memory held (committed pages + the checkpoint in
+                            progress): a checkpoint that needs more fails with ERR_LIMIT and
+                            the committed one is kept (default: no cap)
+  --no-huge-pages           do not re-execute with glibc.malloc.hugetlb=1 (by default the
+                            receiver does so once when transparent huge pages are available:
+                            guest memory in huge pages, much faster wake-ups per checkpoint)
   --max-blob BYTES          cap on a COLO device-state blob (default 256 MiB)
   --max-blocks N            cap on the RAMBlocks in MEM_SIZE (default 1024)
   --max-section BYTES       cap on one device section of the initial migration (default 64 MiB)
@@ -123,6 +130,8 @@ const LISTEN = {
   'max-unidentified': { type: 'string', default: '64' },
   'heartbeat-timeout': { type: 'string', default: 'auto' },
   'max-ram': { type: 'string' },
+  'max-memory': { type: 'string' },
+  'no-huge-pages': { type: 'boolean', default: false },
   'max-blob': { type: 'string' },
   'max-blocks': { type: 'string' },
   'max-section': { type: 'string' },
@@ -206,6 +215,7 @@ async function listen(argv: string[]): Promise<number> {
   if (uuid !== undefined && !/^[0-9a-fA-F]{32}$/.test(uuid.replace(/-/g, ''))) throw new UsageError('--expect-uuid must be a UUID');
   const disks = diskOptions(o);
   const log = createLogger((o['log-level'] as string | undefined) ?? process.env.LOG_LEVEL ?? 'info');
+  log.info(hugePagesState(argv), 'huge pages');
   const limits: Record<string, number> = {};
   if (o['max-ram'] !== undefined) limits.maxRamBytes = int(o['max-ram'], 'max-ram', 4096, 2 ** 52);
   if (o['max-blob'] !== undefined) limits.maxBlobBytes = int(o['max-blob'], 'max-blob', 1, 2 ** 40);
@@ -246,6 +256,7 @@ async function listen(argv: string[]): Promise<number> {
     maxUnidentified: int(o['max-unidentified'], 'max-unidentified', 1, 65536),
     heartbeatTimeoutMs: heartbeat(o['heartbeat-timeout']),
     limits,
+    ...(o['max-memory'] !== undefined ? { maxMemoryBytes: int(o['max-memory'], 'max-memory', 4096, 2 ** 52) } : {}),
     onFailover,
     tls,
     metrics,
@@ -270,8 +281,12 @@ async function main(argv: string[]): Promise<number> {
     case '--version':
       process.stdout.write('colo-receiver 0.1.0\n');
       return 0;
-    case 'listen':
+    case 'listen': {
+      const d = hugePagesDecision(rest);
+      if (d.reexec && !rest.includes('--help') && !rest.includes('-h')) return reexecWithHugePages(d.env);
+      followParent();
       return listen(rest);
+    }
     case 'demo':
       return (await import('./demo.js')).demo(rest);
     case 'inspect':

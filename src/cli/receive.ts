@@ -106,7 +106,7 @@ export async function receive(opts: ReceiveOptions): Promise<ReceiveResult> {
     });
     const addr = server.address();
     const port = typeof addr === 'object' && addr ? addr.port : opts.port;
-    log.info({ host: opts.host, port, ...(opts.tls ? { tls: opts.tls.dir, verifyPeer: opts.tls.verifyPeer, authz: opts.tls.authz } : {}) }, 'waiting for an incoming migration');
+    log.info({ host: opts.host, port, pid: process.pid, ...(opts.tls ? { tls: opts.tls.dir, verifyPeer: opts.tls.verifyPeer, authz: opts.tls.authz } : {}) }, 'waiting for an incoming migration');
     opts.onListening?.(port);
     if (opts.progress) {
       timer = setInterval(() => {

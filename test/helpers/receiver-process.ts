@@ -10,6 +10,8 @@ export class ReceiverProcess {
   stdout = '';
   stderr = '';
   readonly exited: Promise<number>;
+  /** The receiver's own pid (the CLI re-executes itself once for huge pages). */
+  pid = -1;
   #port: Promise<number>;
 
   constructor(readonly child: ChildProcess) {
@@ -26,7 +28,7 @@ export class ReceiverProcess {
         try {
           const j = JSON.parse(line) as Record<string, unknown>;
           this.lines.push(j);
-          if (j.msg === 'waiting for an incoming migration') resolvePort(Number(j.port));
+          if (j.msg === 'waiting for an incoming migration') { if (typeof j.pid === 'number') this.pid = j.pid; resolvePort(Number(j.port)); }
         } catch { /* not JSON: a stack trace or a progress line */ }
       }
     });
@@ -53,5 +55,9 @@ export class ReceiverProcess {
 
   summary(): Record<string, unknown> { return JSON.parse(this.stdout) as Record<string, unknown>; }
 
-  kill(): void { if (this.child.exitCode === null) this.child.kill('SIGKILL'); }
+  kill(): void {
+    if (this.child.exitCode !== null) return;
+    if (this.pid > 0 && this.pid !== this.child.pid) { try { process.kill(this.pid, 'SIGKILL'); } catch { /* gone */ } }
+    this.child.kill('SIGKILL');
+  }
 }

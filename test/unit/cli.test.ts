@@ -3,6 +3,8 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { describe, test } from 'node:test';
+import { thpMode } from '../../src/cli/huge-pages.js';
+import { ReceiverProcess } from '../helpers/receiver-process.js';
 
 const MAIN = new URL('../../src/cli/main.js', import.meta.url).pathname;
 const run = (...args: string[]) => spawnSync(process.execPath, [MAIN, ...args], { encoding: 'utf8', timeout: 20_000 });
@@ -11,7 +13,7 @@ describe('colo-receiver CLI', () => {
   test('--help lists every cap and the heartbeat modes', () => {
     const r = run('listen', '--help');
     assert.equal(r.status, 0);
-    for (const o of ['--nbd HOST:PORT', '--disk NAME=PATH', '--max-disk-pending', '--disk-commit', '--max-ram', '--max-blob', '--max-blocks', '--max-section', '--max-vmdesc', '--max-channels', '--max-packet-payload', '--max-command', '--io-timeout', '--heartbeat-timeout MS|auto', '--expect-uuid', '--allow']) {
+    for (const o of ['--nbd HOST:PORT', '--disk NAME=PATH', '--max-disk-pending', '--disk-commit', '--max-ram', '--max-blob', '--max-blocks', '--max-section', '--max-vmdesc', '--max-channels', '--max-packet-payload', '--max-command', '--io-timeout', '--heartbeat-timeout MS|auto', '--expect-uuid', '--allow', '--max-memory', '--no-huge-pages']) {
       assert.ok(r.stdout.includes(o), `--help mentions ${o}`);
     }
   });
@@ -51,4 +53,27 @@ describe('colo-receiver CLI', () => {
       assert.match(r.stderr, msg);
     });
   }
+
+  test('huge pages by default: the receiver re-executes itself once with glibc.malloc.hugetlb=1 when THP is available; --no-huge-pages keeps it off', async () => {
+    const thp = thpMode();
+    for (const off of [false, true]) {
+      const r = ReceiverProcess.start(off ? ['--no-huge-pages'] : [], { GLIBC_TUNABLES: '' });
+      try {
+        await r.port();
+        const line = r.lines.find((l) => l.msg === 'huge pages')!;
+        assert.ok(line, 'the choice is logged');
+        if (!off && (thp === 'always' || thp === 'madvise')) {
+          assert.equal(line.hugePages, true);
+          assert.match(String(line.tunables), /glibc\.malloc\.hugetlb=1/);
+          assert.notEqual(r.pid, r.child.pid, 'the listening process is the re-executed one');
+        } else {
+          assert.equal(line.hugePages, false);
+          assert.equal(r.pid, r.child.pid);
+        }
+      } finally {
+        r.kill();
+        await r.exited;
+      }
+    }
+  });
 });
