@@ -16,6 +16,7 @@ import { silentLogger } from '../log.js';
 import { WRITE_BOTH, WRITE_CACHE, WRITE_GUEST, type WriteMode, type WriteTask } from '../memory/page-writer.js';
 import { RAMBlockList, type RAMBlock } from '../memory/ram-block.js';
 import { chunkSlotBitsFor, Slab } from '../memory/slab.js';
+import { adoptForDirectRead } from '../net/direct-read.js';
 import { DecoderThread, PagePool } from '../pool/page-pool.js';
 import { ByteQueue } from '../wire/byte-queue.js';
 import {
@@ -213,9 +214,15 @@ export class IncomingMigration extends EventEmitter {
     const ch = new MultiFDChannel(this.#channelSink, this.#opts.compression ?? 'none', this.limits, this.#opts.slotsPerChannel ?? 4);
     this.channels.push(ch);
     this.#lastAccept = performance.now();
+    // A plain TCP socket reads payloads straight into the channel's staging slots.
+    const direct = adoptForDirectRead(sock, ch);
+    if (direct) {
+      sock = direct.sock;
+      first = direct.buffered.length > 0 ? Buffer.concat([first, ...direct.buffered]) : first;
+    }
     this.#channelSock.set(ch, sock);
     this.#track(sock, 'multifd');
-    sock.on('data', (c: Buffer) => ch.push(c));
+    if (!direct) sock.on('data', (c: Buffer) => ch.push(c));
     sock.on('end', () => {
       ch.end();
       // In COLO the channels stay open for the whole session (spec §5.7): an EOF is the primary

@@ -31,6 +31,10 @@ export interface ChannelSink {
   onError(err: MigrationError, ch: MultiFDChannel): void;
 }
 
+const EMPTY = new Uint8Array(0);
+/** A read that is not a header or a direct payload: Node's own read size. */
+const SIDE_READ_BYTES = 64 * 1024;
+
 const St = { Init: 0, Header: 1, WaitSlot: 2, Payload: 3, AtSync: 4, Failed: 5, Ended: 6 } as const;
 type St = (typeof St)[keyof typeof St];
 
@@ -100,6 +104,44 @@ export class MultiFDChannel {
   push(chunk: Buffer): void {
     if (this.#state === St.Failed) return;
     this.q.push(chunk);
+    this.#pump();
+  }
+
+  // ---- direct reads (src/net/direct-read.ts): the socket reads where the parser says
+
+  #readBuf: Uint8Array = EMPTY;
+  #readDirect = false;
+  /** Payload bytes that a socket read put straight into a staging slot. */
+  directBytes = 0;
+
+  /**
+   * A packet's payload goes straight into its staging slot, once the queue is empty (bytes
+   * must not overtake queued ones). Anything else (handshake, header, or payload while the
+   * channel waits for a slot or holds queued bytes) is read into a small buffer sized to
+   * what the parser still needs, so a header read never runs into the payload.
+   */
+  readTarget(): Uint8Array {
+    const p = this.#pkt;
+    if (this.#state === St.Payload && p && this.q.length === 0 && this.#payloadLeft > 0) {
+      const at = this.#slot + SLOT_INDEX_BYTES + p.payloadLen - this.#payloadLeft;
+      this.#readDirect = true;
+      this.#readBuf = this.#slotBytes.subarray(at, at + this.#payloadLeft);
+      return this.#readBuf;
+    }
+    let need = 0;
+    if (this.#state === St.Init) need = MULTIFD_INIT_LEN - this.q.length;
+    else if (this.#state === St.Header) need = MULTIFD_PACKET_HEADER_LEN - this.q.length;
+    this.#readDirect = false;
+    this.#readBuf = Buffer.allocUnsafe(need > 0 ? need : SIDE_READ_BYTES);
+    return this.#readBuf;
+  }
+
+  onDirectRead(n: number): void {
+    if (this.#state === St.Failed) return;
+    if (!this.#readDirect) { this.push(Buffer.from(this.#readBuf.buffer, this.#readBuf.byteOffset, n)); return; }
+    this.q.consumedElsewhere(n);
+    this.#payloadLeft -= n;
+    this.directBytes += n;
     this.#pump();
   }
 

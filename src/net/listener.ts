@@ -4,6 +4,7 @@ import { hex } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { IncomingMigration } from '../migration/incoming.js';
 import { acceptTls, type TlsServerConfig } from './tls.js';
+import { directReadReady } from './direct-read.js';
 import { MULTIFD_INIT_LEN, MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION } from '../wire/constants.js';
 
 export interface ListenOptions {
@@ -45,6 +46,7 @@ const MAIN_HEADER_LEN = 8;   // QEMU_VM_FILE_MAGIC + QEMU_VM_FILE_VERSION
  * real primary out.
  */
 export async function listenForMigration(mig: IncomingMigration, opts: ListenOptions): Promise<Server> {
+  await directReadReady(opts.log);
   const allow = new Set((opts.allow ?? []).flatMap((a) => [a, `::ffff:${a}`]));
   const identifyMs = opts.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS;
   const maxPending = opts.maxUnidentified ?? DEFAULT_MAX_UNIDENTIFIED;

@@ -19,6 +19,15 @@ export class ByteQueue {
   /** Bytes taken so far: the stream offset of the next byte. */
   get consumed(): number { return this.#consumed; }
 
+  /**
+   * Bytes of the stream that went around the queue (a socket read straight into their
+   * destination): counted, so stream offsets in errors stay right. Only while the queue is empty.
+   */
+  consumedElsewhere(n: number): void {
+    if (this.#length !== 0) throw new Error('ByteQueue: bytes taken around a non-empty queue would reorder the stream');
+    this.#consumed += n;
+  }
+
   push(c: Buffer): void {
     if (c.length === 0) return;
     this.#chunks.push(c);
