@@ -1,7 +1,7 @@
 // One benchmark cell = one primary (real QEMU 7.2 or the synthetic one) checkpointing into one
 // secondary (our receiver as a CLI child, or QEMU's own -incoming) for warm-up + N checkpoints.
 import { readFile } from 'node:fs/promises';
-import { copyFileSync, mkdirSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -105,6 +105,19 @@ export interface CellResult extends CellSpec {
   sched?: { secondary?: SchedUsage; primary?: SchedUsage };
   /** disk 'replicated': the receiver's --stats-json NBD commands and per-disk commit figures. */
   diskStats?: { nbd?: unknown; disks?: unknown };
+  /** The secondary's memory at the end of the measured window (/proc/PID/status), MiB. */
+  memory?: { vmHWMMiB: number; vmRSSMiB: number; anonHugePagesMiB: number };
+}
+
+/** VmHWM, VmRSS and AnonHugePages of a process, MiB (undefined when it is gone). */
+export function processMemory(pid: number): CellResult['memory'] {
+  try {
+    const st = readFileSync(`/proc/${pid}/status`, 'utf8');
+    const kb = (k: string, text: string) => Number(new RegExp(`${k}:\\s+(\\d+) kB`).exec(text)?.[1] ?? 0);
+    let huge = 0;
+    try { huge = kb('AnonHugePages', readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8')); } catch { /* older kernel */ }
+    return { vmHWMMiB: Math.round(kb('VmHWM', st) / 102.4) / 10, vmRSSMiB: Math.round(kb('VmRSS', st) / 102.4) / 10, anonHugePagesMiB: Math.round(huge / 102.4) / 10 };
+  } catch { return undefined; }
 }
 
 export function modeName(channels: number): string {
@@ -232,6 +245,8 @@ async function qemuCell(spec: CellSpec, cfg: CellConfig, runDir: string, res: Ce
   }
   const done = primary.checkpointCount() - c0;
   res.sched = { secondary: schedUsage(s0, schedSnapshot(secPid), done), primary: schedUsage(p0, schedSnapshot(primary.proc.pid), done) };
+  const mem = processMemory(secPid);
+  if (mem) res.memory = mem;
   if (upload) {
     const rate = upload.rateMBps();
     const files = await upload.stop({ waitAcks: false });

@@ -301,6 +301,13 @@ export function markdown(info: RunInfo, results: CellResult[], chartFiles: Chart
     }
     L.push('');
   }
+  if (results.some((r) => r.memory)) {
+    L.push('## Secondary memory at the end of the measured window (/proc/PID/status)', '');
+    L.push('VmHWM = peak resident set, VmRSS = resident now, AnonHugePages = of it in transparent huge pages (smaps_rollup). QEMU\'s secondary holds guest RAM, a full COLO cache and runs the guest; ours holds committed pages plus the checkpoint in progress.', '');
+    L.push('| cell | VmHWM MiB | VmRSS MiB | AnonHugePages MiB |', '|---|---:|---:|---:|');
+    for (const r of results) if (r.memory) L.push(`| ${r.name} | ${r.memory.vmHWMMiB} | ${r.memory.vmRSSMiB} | ${r.memory.anonHugePagesMiB} |`);
+    L.push('');
+  }
   L.push('## Every timing, per cell (mean | p50 | p99 | max, ms)', '');
   for (const m of METRICS) {
     if (!ss.some((s) => s.metrics[m.key])) continue;
