@@ -34,9 +34,13 @@ export class Slab {
   readonly maxChunks: number;
   readonly chunks: (SharedArrayBuffer | null)[] = [];
   readonly views: (Uint8Array | null)[] = [];
-  /** Per chunk: a stack of its free slot numbers, and how many are on it. */
+  /**
+   * Per chunk: a stack of slots freed after use, how many are on it, and how many slots
+   * were never handed out (taken front to back, so a new chunk costs no setup loop).
+   */
   readonly #free: (Int32Array | null)[] = [];
   readonly #nfree: number[] = [];
+  readonly #fresh: number[] = [];
   /** No chunk below this one has a free slot. */
   #lowest = 0;
   #live = 0;
@@ -70,6 +74,10 @@ export class Slab {
         this.#used++;
         return this.#free[c]![--this.#nfree[c]!]!;
       }
+      if (this.#fresh[c]! > 0) {
+        this.#used++;
+        return c * this.chunkSlots + this.chunkSlots - this.#fresh[c]!--;
+      }
       this.#lowest++;
     }
   }
@@ -95,14 +103,12 @@ export class Slab {
       throw new MigrationError('ERR_LIMIT', `memory: ${this.#live} chunks of ${this.chunkBytes >> 20} MiB in use, another would exceed --max-memory ${this.maxChunks * this.chunkBytes} bytes`);
     }
     const sab = new SharedArrayBuffer(this.chunkBytes);
-    const stack = new Int32Array(this.chunkSlots);
-    // Popped from the end: the lowest slot first, so a chunk fills front to back.
-    for (let i = 0; i < this.chunkSlots; i++) stack[i] = c * this.chunkSlots + this.chunkSlots - 1 - i;
-    while (this.chunks.length <= c) { this.chunks.push(null); this.views.push(null); this.#free.push(null); this.#nfree.push(0); }
+    while (this.chunks.length <= c) { this.chunks.push(null); this.views.push(null); this.#free.push(null); this.#nfree.push(0); this.#fresh.push(0); }
     this.chunks[c] = sab;
     this.views[c] = new Uint8Array(sab);
-    this.#free[c] = stack;
-    this.#nfree[c] = this.chunkSlots;
+    this.#free[c] = new Int32Array(this.chunkSlots);
+    this.#nfree[c] = 0;
+    this.#fresh[c] = this.chunkSlots;
     this.#live++;
     if (this.#live > this.peakChunks) this.peakChunks = this.#live;
   }
@@ -115,17 +121,18 @@ export class Slab {
   trim(reserveSlots: number): number {
     let n = 0;
     for (let c = this.chunks.length - 1; c >= 0; c--) {
-      if (this.chunks[c] === null || this.#nfree[c] !== this.chunkSlots) continue;
+      if (this.chunks[c] === null || this.#nfree[c]! + this.#fresh[c]! !== this.chunkSlots) continue;
       if (this.freeSlots - this.chunkSlots < reserveSlots) break;
       this.chunks[c] = null;
       this.views[c] = null;
       this.#free[c] = null;
       this.#nfree[c] = 0;
+      this.#fresh[c] = 0;
       this.#live--;
       n++;
     }
     while (this.chunks.length > 0 && this.chunks[this.chunks.length - 1] === null) {
-      this.chunks.pop(); this.views.pop(); this.#free.pop(); this.#nfree.pop();
+      this.chunks.pop(); this.views.pop(); this.#free.pop(); this.#nfree.pop(); this.#fresh.pop();
     }
     if (this.#lowest > this.chunks.length) this.#lowest = this.chunks.length;
     return n;
