@@ -4,7 +4,7 @@
 // event-loop delay sampled along the way and its per-checkpoint timing summary at the end.
 //
 //   node dist/bench/soak.js [--checkpoints 10000] [--ram-mib 64] [--channels 4] [--layout 7.2|10.x]
-//                           [--workload load|idle|PAGES] [--samples 10] [--json FILE]
+//                           [--workload load|idle|PAGES] [--zero-fraction 0.4] [--samples 10] [--json FILE]
 //
 // The primary runs in a child process (this file with --primary), so the figures are the
 // receiver's alone: one process, one IncomingMigration, real loopback sockets through
@@ -21,7 +21,7 @@ import { silentLogger } from '../src/log.js';
 import { IncomingMigration } from '../src/migration/incoming.js';
 import { listenForMigration } from '../src/net/listener.js';
 import { SyntheticSource } from '../src/sender/source.js';
-import type { Workload } from '../src/sender/memory-model.js';
+import { defaultRamBlocks, type MemoryModelOptions, type Workload } from '../src/sender/memory-model.js';
 
 const { values: a } = parseArgs({
   options: {
@@ -30,6 +30,7 @@ const { values: a } = parseArgs({
     channels: { type: 'string', default: '4' },
     layout: { type: 'string', default: '7.2' },
     workload: { type: 'string', default: 'load' },
+    'zero-fraction': { type: 'string', default: '0.4' },
     samples: { type: 'string', default: '10' },
     threads: { type: 'string' },
     json: { type: 'string' },
@@ -41,7 +42,7 @@ if (a.help) {
   process.stdout.write(`Soak: a long COLO session from the synthetic primary into one receiver.
 
   node dist/bench/soak.js [--checkpoints 10000] [--ram-mib 64] [--channels 4] [--layout 7.2|10.x]
-                          [--workload load|idle|PAGES] [--samples 10] [--threads T] [--json FILE]
+                          [--workload load|idle|PAGES] [--zero-fraction 0.4] [--samples 10] [--threads T] [--json FILE]
 
 Reports RSS and heap at start, after the initial migration and at the end, event-loop delay
 p99 per window, checkpoint timings, and checks the final committed image against the primary.
@@ -53,6 +54,17 @@ const ramMiB = Number(a['ram-mib']);
 const channels = Number(a.channels);
 const layout = a.layout as '7.2' | '10.x';
 const workload: Workload = a.workload === 'load' || a.workload === 'idle' ? a.workload : { pages: Number(a.workload) };
+const zeroFraction = Number(a['zero-fraction']);
+/**
+ * Guests above 2 GiB: pc.ram in 2 GiB blocks (pc.ram, pc.ram.1, ...), since the synthetic
+ * primary holds each block in one Buffer and Node 20's Buffers end at 4 GiB.
+ */
+function memoryOptions(): MemoryModelOptions {
+  if (ramMiB <= 2048) return { ramMiB, zeroFraction };
+  const blocks = defaultRamBlocks(1).slice(1);
+  for (let at = 0, i = 0; at < ramMiB; at += 2048, i++) blocks.splice(i, 0, { idstr: i === 0 ? 'pc.ram' : `pc.ram.${i}`, usedLength: Math.min(2048, ramMiB - at) * 2 ** 20, writable: true });
+  return { blocks, zeroFraction };
+}
 
 const sha = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex');
 
@@ -60,7 +72,7 @@ if (a.primary !== undefined) {
   // ---- the primary (child process)
   const src: SyntheticSource = new SyntheticSource({
     port: Number(a.primary), layout, channels, colo: true, checkpoints, workload, intervalMs: 0, seed: 42,
-    memory: { ramMiB },
+    memory: memoryOptions(),
     onCheckpoint: (info) => {
       if ((info.index + 1) % 500 === 0) process.send?.({ type: 'progress', checkpoint: info.index + 1 });
       if (info.index === checkpoints - 1) {
@@ -131,7 +143,9 @@ if (a.primary !== undefined) {
   const s0 = samples.find((s) => s['at'] === 'after initial migration') ?? samples[0]!;
   const s1 = samples[samples.length - 1]!;
   const report = {
-    config: { checkpoints, ramMiB, channels, layout, workload: a.workload, intervalMs: 0 },
+    config: { checkpoints, ramMiB, channels, layout, workload: a.workload, zeroFraction, intervalMs: 0 },
+    // What the protected VM costs: slab, committed slots, peak and current resident set.
+    memory: summary['memory'],
     outcome: { kind: outcome.kind, code: outcome.kind === 'completed' ? null : outcome.error?.code ?? null, committedCheckpoint: mig.committedCheckpoint },
     committedImageMatchesPrimary: verified,
     seconds: Math.round((performance.now() - t0) / 100) / 10,

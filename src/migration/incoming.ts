@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
+import { readFileSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 
 /**
@@ -76,6 +77,15 @@ export type Outcome =
   | { kind: 'failed'; error: MigrationError };
 
 const AUTO_QUIET_MS = 1500;
+
+/** VmHWM, VmRSS (/proc/self/status) and AnonHugePages (smaps_rollup), bytes. */
+function procMemory(): { vmHWMBytes: number; vmRSSBytes: number; anonHugePagesBytes: number } {
+  const kb = (k: string, text: string) => 1024 * Number(new RegExp(`${k}:\\s+(\\d+) kB`).exec(text)?.[1] ?? 0);
+  let st = '', sm = '';
+  try { st = readFileSync('/proc/self/status', 'utf8'); } catch { /* not Linux */ }
+  try { sm = readFileSync('/proc/self/smaps_rollup', 'utf8'); } catch { /* not Linux */ }
+  return { vmHWMBytes: kb('VmHWM', st), vmRSSBytes: kb('VmRSS', st), anonHugePagesBytes: kb('AnonHugePages', sm) };
+}
 /** QEMU's default x-checkpoint-delay is 20 s: until the interval is known, wait longer than that. */
 export const HEARTBEAT_AUTO_FIRST_MS = 30_000;
 export const HEARTBEAT_AUTO_MIN_MS = 1000;
@@ -615,12 +625,16 @@ export class IncomingMigration extends EventEmitter {
     return Math.max(this.blocks.slab.chunkSlots, 2 * Math.max(0, ...this.#recentDirty));
   }
 
-  /** Slab figures for summary(): what the protected VM costs in page memory. */
-  memoryStats(): { slabBytes: number; peakSlabBytes: number; usedSlots: number; committedSlots: number; chunkBytes: number } {
+  /**
+   * Slab figures for summary(): what the protected VM costs in page memory, and the process's
+   * peak and current resident set and its transparent huge pages (Linux; 0 elsewhere).
+   */
+  memoryStats(): Record<string, number> {
     const slab = this.blocks.slab;
     return {
       slabBytes: slab.bytes, peakSlabBytes: slab.peakChunks * slab.chunkBytes, usedSlots: slab.usedSlots,
       committedSlots: this.blocks.blocks.reduce((n, b) => n + b.committedSlots, 0), chunkBytes: slab.chunkBytes,
+      ...procMemory(),
     };
   }
 
