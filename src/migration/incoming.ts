@@ -24,7 +24,7 @@ import {
   COLO_MESSAGE_CHECKPOINT_READY, COLO_MESSAGE_CHECKPOINT_REPLY, COLO_MESSAGE_CHECKPOINT_REQUEST, COLO_MESSAGE_NAMES,
   COLO_MESSAGE_VMSTATE_LOADED, COLO_MESSAGE_VMSTATE_RECEIVED, COLO_MESSAGE_VMSTATE_SEND, COLO_MESSAGE_VMSTATE_SIZE,
   COLO_MESSAGE__MAX, MIG_CMD_ENABLE_COLO, MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, MIG_RP_MSG_PONG, MIG_RP_MSG_SHUT,
-  MULTIFD_FLAG_SYNC, QEMU_VM_EOF,
+  QEMU_VM_EOF,
 } from '../wire/constants.js';
 import { be32 } from '../wire/reader.js';
 import { CheckpointStats, type CheckpointRecord } from './checkpoint-stats.js';
@@ -32,7 +32,8 @@ import type { CommittedImage } from './committed-image.js';
 import { DEFAULT_LIMITS, type Limits } from './limits.js';
 import type { CheckpointParticipant } from './participant.js';
 import { MultiFDChannel, type ChannelSink } from './multifd-channel.js';
-import type { Compression, MultiFDInit, MultiFDPacket } from './multifd-packet.js';
+import { MultifdSync } from './multifd-sync.js';
+import type { Compression, MultiFDInit } from './multifd-packet.js';
 import { RamSectionParser, type RamSink } from './ram-section.js';
 import { VmStateParser, type SectionHeader, type VmStateSink } from './vmstate-stream.js';
 
@@ -76,7 +77,6 @@ export type Outcome =
   | { kind: 'primary-lost'; reason: string; error?: MigrationError }  // COLO ended by the peer
   | { kind: 'failed'; error: MigrationError };
 
-const AUTO_QUIET_MS = 1500;
 
 /** VmHWM, VmRSS (/proc/self/status) and AnonHugePages (smaps_rollup), bytes. */
 function procMemory(): { vmHWMBytes: number; vmRSSBytes: number; anonHugePagesBytes: number } {
@@ -109,7 +109,6 @@ const MULTIFD_OPEN: ReadonlySet<Phase> = new Set<Phase>(['savevm', 'colo-send'])
  */
 const ioTurn = (): Promise<void> => new Promise((r) => setImmediate(() => setImmediate(r)));
 
-interface Barrier { resolve: () => void; reject: (e: unknown) => void }
 
 /**
  * One incoming migration (cf. MigrationIncomingState): owns the channels, the page pool and
@@ -132,21 +131,11 @@ export class IncomingMigration extends EventEmitter {
   #main: Socket | null = null;
   #mainEnded = false;
   #phase: Phase = 'savevm';
-  #expected: number | undefined;
-  #learned = false;
   #colo: boolean;
   #inColoState = false;
   #returnPath = false;
   #initialDone = false;
-  #barrier: Barrier | null = null;
-  #barriers = 0;
-  #lastAccept = 0;
-  #firstBarrierAt = 0;
   #syncScheme: 'unknown' | 'per-section' | 'per-round' = 'unknown';
-  /** Highest packet_num of the rounds the barriers closed (-1: none). */
-  #roundFloor = -1;
-  /** Highest packet_num parsed in the open round. */
-  #roundMax = -1;
   #drainTimer: NodeJS.Timeout | null = null;
   #machine = '';
   #configRaw: Buffer | null = null;
@@ -170,6 +159,7 @@ export class IncomingMigration extends EventEmitter {
   /** Compressed channels: each has its own decoder thread and counts its packets (spec §2.10). */
   readonly #decoders = new Map<MultiFDChannel, { thread: DecoderThread; seq: number }>();
   readonly #streamKey = randomUUID();
+  readonly #sync: MultifdSync;
   #decodersClosed: Promise<unknown> | null = null;
   readonly done: Promise<Outcome>;
 
@@ -178,11 +168,22 @@ export class IncomingMigration extends EventEmitter {
     const ch = opts.multifdChannels;
     if (ch !== undefined && (!Number.isInteger(ch) || ch < 0 || ch > 255)) throw new RangeError('options.multifdChannels must be an integer in 0..255');
     this.#opts = opts;
-    this.#expected = ch;
     this.#colo = opts.colo ?? false;
     this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
     if (ch !== undefined && ch > this.limits.maxChannels) throw new RangeError(`options.multifdChannels above limits.maxChannels (${this.limits.maxChannels})`);
     this.log = opts.log ?? silentLogger;
+    this.#sync = new MultifdSync({
+      channels: this.channels,
+      log: this.log,
+      ioTimeoutMs: opts.ioTimeoutMs ?? 0,
+      ended: () => this.#outcome !== null,
+      ramOpen: () => MULTIFD_OPEN.has(this.#phase),
+      phaseName: () => this.#phase,
+      mainAt: () => this.#mainQ.consumed,
+      fail: (err, peerLoss) => this.#endWith(err, peerLoss),
+      // Every page write up to here has settled: slots of pages resent as zero can be reused.
+      roundClosed: () => this.blocks.slab.releaseDeferred(),
+    }, ch);
     this.#ownPool = opts.pool === undefined;
     this.pool = opts.pool ?? new PagePool(opts.threads !== undefined ? { threads: opts.threads } : {});
     this.#ram = new RamSectionParser(this.#ramSink, this.limits);
@@ -211,10 +212,11 @@ export class IncomingMigration extends EventEmitter {
 
   attachMultifd(sock: Socket, first: Buffer): boolean {
     if (this.#outcome) return false;
-    if (this.#expected !== undefined && this.channels.length >= this.#expected) {
-      if (this.#learned) {
+    const sync = this.#sync;
+    if (sync.expected !== undefined && this.channels.length >= sync.expected) {
+      if (sync.learned) {
         // The learned count was too small: a channel connected after the quiet window.
-        this.#endWith(wireError('ERR_HANDSHAKE', `multifd: channel ${this.channels.length + 1} connected after the channel count was learned (${this.#expected}); pass --multifd-channels`, 'multifd/?', 0), false);
+        this.#endWith(wireError('ERR_HANDSHAKE', `multifd: channel ${this.channels.length + 1} connected after the channel count was learned (${sync.expected}); pass --multifd-channels`, 'multifd/?', 0), false);
       }
       return false;
     }
@@ -223,7 +225,7 @@ export class IncomingMigration extends EventEmitter {
     if (this.channels.length >= this.limits.maxChannels) this.#overLimit.add(this.channels.length);
     const ch = new MultiFDChannel(this.#channelSink, this.#opts.compression ?? 'none', this.limits, this.#opts.slotsPerChannel ?? 4);
     this.channels.push(ch);
-    this.#lastAccept = performance.now();
+    sync.lastAccept = performance.now();
     // A plain TCP socket reads payloads straight into the channel's staging slots.
     const direct = adoptForDirectRead(sock, ch);
     if (direct) {
@@ -238,7 +240,7 @@ export class IncomingMigration extends EventEmitter {
       // In COLO the channels stay open for the whole session (spec §5.7): an EOF is the primary
       // going away. In precopy a channel may close once its last SYNC is in.
       if (!ch.failed && this.#inColoState) this.#peerEnded(ch.name);
-      else if (this.#barrier) this.#checkBarrier();
+      else if (this.#sync.waiting) this.#sync.check();
       else if (this.#phase === 'draining') this.#checkDrained(false);
     });
     ch.push(first);
@@ -338,12 +340,12 @@ export class IncomingMigration extends EventEmitter {
     onRamEos: () => {
       if (this.log.isLevelEnabled('debug')) this.log.debug({ t: performance.now() - (this.#cur?.tSend ?? 0) }, 'ram EOS');
       if (this.#syncScheme === 'unknown') this.#syncScheme = 'per-section';
-      return this.#syncScheme === 'per-section' ? this.#runBarrier() : undefined;
+      return this.#syncScheme === 'per-section' ? this.#sync.run() : undefined;
     },
     onRamFlush: () => {
       if (this.#syncScheme === 'per-section') throw wireError('ERR_SYNC', 'main: MULTIFD_FLUSH in a per-section stream', 'main', this.#mainQ.consumed);
       this.#syncScheme = 'per-round';
-      return this.#runBarrier();
+      return this.#sync.run();
     },
     onDeviceSection: (_h, raw) => { this.#deviceSections.push(raw); },
   };
@@ -449,7 +451,7 @@ export class IncomingMigration extends EventEmitter {
           if (blob[blob.length - 1] !== QEMU_VM_EOF) throw wireError('ERR_COLO_PROTOCOL', 'main: device-state blob does not end with QEMU_VM_EOF', 'main', q.consumed - 1);
           const cur = this.#cur!;
           // checked now, before VMSTATE_RECEIVED goes out, and once more after an I/O turn
-          this.#checkChannelsAtRest(`checkpoint ${cur.index}`);
+          this.#sync.checkAtRest(`checkpoint ${cur.index}`);
           cur.tBlob = performance.now();
           cur.blobBytes = blob.length;
           this.#reply(COLO_MESSAGE_VMSTATE_RECEIVED);
@@ -458,7 +460,7 @@ export class IncomingMigration extends EventEmitter {
           this.#commit = ioTurn().then(() => {
             if (this.#outcome) return;
             // Still part of this checkpoint: an error here discards it (see #endWith).
-            this.#checkChannelsAtRest(`checkpoint ${cur.index}`);
+            this.#sync.checkAtRest(`checkpoint ${cur.index}`);
             this.#phase = 'committing';
             return this.#commitCheckpoint(blob);
           }).then(
@@ -484,18 +486,6 @@ export class IncomingMigration extends EventEmitter {
     throw wireError('ERR_COLO_PROTOCOL', `main: received ${name}, expected ${COLO_MESSAGE_NAMES[want]}`, 'main', at);
   }
 
-  /**
-   * At the end of the RAM part every channel must sit just after the SYNC of the last barrier.
-   * A channel parked at another SYNC, or with pages dispatched since, sent more syncs than the
-   * main channel has barriers (a flipped SYNC bit, a duplicated packet): its pages would be
-   * lost or land in the next checkpoint, so the stream is refused.
-   */
-  #checkChannelsAtRest(where: string): void {
-    if (this.#expected === 0) return;
-    const bad = this.channels.find((c) => c.atSync || c.pagesSinceRelease > 0);
-    if (bad) throw wireError('ERR_SYNC', `${bad.name}: ${bad.atSync ? 'a SYNC packet' : `${bad.pagesSinceRelease} pages`} beyond the last barrier at the end of ${where}`, bad.name, bad.q.consumed);
-  }
-
   /** The initial migration's last byte was parsed: one I/O turn, then #finishInitial. */
   #settleInitial(): 'wait' {
     this.#phase = 'settling';
@@ -511,7 +501,7 @@ export class IncomingMigration extends EventEmitter {
 
   /** End of the initial migration: all pages are in (the last barrier covered multifd). */
   #finishInitial(): void {
-    this.#checkChannelsAtRest('the initial migration');
+    this.#sync.checkAtRest('the initial migration');
     this.#initialDone = true;
     this.blocks.slab.releaseDeferred();
     this.#committedBlob = Buffer.concat(this.#deviceSections);
@@ -551,7 +541,7 @@ export class IncomingMigration extends EventEmitter {
     if (this.#outcome || this.#phase !== 'draining') return;
     if (!force && !this.channels.every((c) => c.exhausted || c.failed || c.atSync)) return;
     if (this.#drainTimer) { clearTimeout(this.#drainTimer); this.#drainTimer = null; }
-    try { this.#checkChannelsAtRest('the migration'); } catch (e) { this.#endWith(this.#asError(e, 'main', this.#mainQ.consumed), false); return; }
+    try { this.#sync.checkAtRest('the migration'); } catch (e) { this.#endWith(this.#asError(e, 'main', this.#mainQ.consumed), false); return; }
     this.#phase = 'done';
     this.#settle({ kind: 'completed' });
   }
@@ -678,7 +668,7 @@ export class IncomingMigration extends EventEmitter {
       if (this.#overLimit.has(this.channels.indexOf(ch))) {
         throw wireError('ERR_LIMIT', `multifd: channel ${init.id} is connection ${this.channels.indexOf(ch) + 1}, above the cap of ${this.limits.maxChannels} channels`, ch.name, 24);
       }
-      const max = this.#expected ?? this.limits.maxChannels;
+      const max = this.#sync.expected ?? this.limits.maxChannels;
       if (init.id >= max) throw wireError('ERR_HANDSHAKE', `multifd: received channel id ${init.id}, expected below ${max}`, ch.name, 24);
       if (this.#byId.has(init.id)) throw wireError('ERR_HANDSHAKE', `multifd: received id '${init.id}' already setup`, ch.name, 24);
       const want = this.#opts.expectUuid?.replace(/-/g, '').toLowerCase();
@@ -694,10 +684,10 @@ export class IncomingMigration extends EventEmitter {
       const method = this.#opts.compression ?? 'none';
       return method === 'none' ? this.pool.write(task) : this.#decode(ch, task, method, compressedBytes);
     },
-    onPacket: (ch, p, at) => this.#checkRound(ch, p, at),
+    onPacket: (ch, p, at) => this.#sync.checkRound(ch, p, at),
     onSynced: (ch) => {
       if (this.log.isLevelEnabled('debug')) this.log.debug({ channel: ch.name, t: performance.now() - (this.#cur?.tSend ?? 0) }, 'synced');
-      if (this.#barrier) queueMicrotask(() => this.#checkBarrier()); },
+      if (this.#sync.waiting) queueMicrotask(() => this.#sync.check()); },
     onBlocked: (ch, blocked) => {
       const sock = this.#channelSock.get(ch)!;
       if (blocked) sock.pause(); else sock.resume();
@@ -725,117 +715,6 @@ export class IncomingMigration extends EventEmitter {
   #closeDecoders(): Promise<unknown> {
     this.#decodersClosed ??= Promise.allSettled([...this.#decoders.values()].map((d) => d.thread.close()));
     return this.#decodersClosed;
-  }
-
-  /**
-   * multifd_recv_sync_main(): hold the main channel until every channel has written all pages
-   * up to its SYNC packet, then release the channels. Main-channel pages are written
-   * synchronously, so they are complete by construction.
-   */
-  #runBarrier(): Promise<void> | undefined {
-    if (this.#expected === 0) return undefined;
-    if (this.#barriers === 0) this.#firstBarrierAt = performance.now();
-    this.#barriers++;
-    const io = this.#opts.ioTimeoutMs ?? 0;
-    return new Promise<void>((resolve, reject) => {
-      // A channel that stays silent without closing would hold the barrier for ever (QEMU 7.2
-      // hangs exactly so): after --io-timeout the barrier fails, naming the missing channels.
-      // The timer measures silence, not the barrier's length: a long iteration whose channels
-      // keep delivering must not fail. It restarts whenever a channel made progress.
-      const progress = () => this.channels.reduce((n, c) => n + c.q.consumed + c.packets, this.channels.length);
-      let seen = progress();
-      let timer: NodeJS.Timeout | null = null;
-      const arm = () => {
-        timer = setTimeout(() => {
-          // Learning the channel count waits for a quiet window first: a barrier with no
-          // channel at all makes no progress by design until that window has passed.
-          if (this.#expected === undefined && performance.now() - Math.max(this.#lastAccept, this.#firstBarrierAt) < AUTO_QUIET_MS + io) { arm(); return; }
-          const now = progress();
-          if (now !== seen) { seen = now; arm(); return; }
-          const missing = this.channels.filter((c) => !c.synced).map((c) => c.name);
-          const absent = (this.#expected ?? 0) - this.channels.length;
-          this.#endWith(wireError('ERR_TIMEOUT', `main: multifd barrier ${this.#barriers} waited ${io} ms without progress for ${[...missing, ...(absent > 0 ? [`${absent} unconnected channel(s)`] : [])].join(', ')}`, 'main', this.#mainQ.consumed), true);
-        }, io);
-      };
-      if (io > 0) arm();
-      this.#barrier = {
-        resolve: () => { if (timer) clearTimeout(timer); resolve(); },
-        reject: (e) => { if (timer) clearTimeout(timer); reject(e); },
-      };
-      this.#checkBarrier();
-    });
-  }
-
-  #settleTimer: NodeJS.Timeout | null = null;
-  #checkBarrier(): void {
-    const b = this.#barrier;
-    if (!b || this.#outcome) return;
-    if (this.#expected === undefined) {
-      // Channel count not configured (QEMU never sends it, spec §1.1): at the first barrier,
-      // take the channels that connected once none has arrived for AUTO_QUIET_MS and all of
-      // them sit at their SYNC. 7.2 was seen connecting a channel 470 ms after the main
-      // channel's first EOS, hence the long window; --multifd-channels avoids it.
-      const quiet = performance.now() - Math.max(this.#lastAccept, this.#firstBarrierAt) >= AUTO_QUIET_MS;
-      if (quiet && this.channels.every((c) => c.synced)) {
-        this.#expected = this.channels.length;
-        this.#learned = true;
-        this.log.info({ channels: this.#expected }, 'multifd channel count learned at the first barrier');
-      } else {
-        if (!this.#settleTimer) this.#settleTimer = setTimeout(() => { this.#settleTimer = null; this.#checkBarrier(); }, 25);
-        return;
-      }
-    }
-    const gone = this.channels.find((c) => c.exhausted && !c.atSync);
-    if (gone) { this.#endWith(wireError('ERR_SYNC', `${gone.name}: connection closed before its SYNC packet for this barrier`, gone.name, gone.q.consumed), true); return; }
-    if (this.channels.length < this.#expected! || !this.channels.every((c) => c.synced)) return;
-    const late = this.#roundSpread();
-    if (late) { this.#endWith(late, false); return; }
-    this.#roundFloor = this.#roundMax;
-    this.#barrier = null;
-    // Every page write up to here has settled: slots of pages resent as zero can be reused.
-    this.blocks.slab.releaseDeferred();
-    for (const c of this.channels) c.release();
-    b.resolve();
-  }
-
-  /**
-   * QEMU ignores packet_num, but every sender numbers packets from one counter, and a barrier
-   * round's packets are all numbered after the previous round's (7.2 assigns numbers on the
-   * migration thread, SYNCs last; 9.0+ at fill time, but a round starts only after every
-   * channel's SYNC was filled). A packet with pages or a SYNC numbered at or below the closed
-   * rounds' highest is left over from an earlier round: a duplicated packet, or the rest of
-   * a channel that reached a false SYNC early. Pages or SYNCs outside a RAM transfer have no
-   * barrier to belong to at all. (An empty packet without SYNC is 7.2 repeating its SYNC's
-   * number after a SYNC that carried pages: harmless, so not checked.)
-   */
-  #checkRound(ch: MultiFDChannel, p: MultiFDPacket, at: number): void {
-    const sync = (p.flags & MULTIFD_FLAG_SYNC) !== 0;
-    const pages = p.normalPages + p.zeroPages;
-    if (pages === 0 && !sync) return;
-    const what = `packet ${p.packetNum} (${pages} pages${sync ? ', SYNC' : ''})`;
-    if (!MULTIFD_OPEN.has(this.#phase)) {
-      throw wireError('ERR_SYNC', `${ch.name}: ${what} outside a RAM transfer (phase ${this.#phase})`, ch.name, at);
-    }
-    if (p.packetNum <= this.#roundFloor) {
-      throw wireError('ERR_SYNC', `${ch.name}: ${what} belongs to a closed round: barrier ${this.#barriers} closed at packet ${this.#roundFloor}`, ch.name, at);
-    }
-    if (p.packetNum > this.#roundMax) this.#roundMax = p.packetNum;
-  }
-
-  /**
-   * At a barrier: from the first SYNC a sender fills to the last, at most the other channels'
-   * SYNCs and one pending data packet per channel are filled (7.2: the SYNCs are consecutive),
-   * so the round cannot reach beyond min(SYNC) + 2C - 1. A SYNC numbered further back is not
-   * this round's: a flipped flag, or a channel that lost its SYNC and ran into the next round.
-   */
-  #roundSpread(): MigrationError | null {
-    const c = this.channels.length;
-    // A count learned as 0 (a migration without multifd): no round to check.
-    if (c === 0) return null;
-    let first = this.channels[0]!;
-    for (const ch of this.channels) if (ch.syncNum < first.syncNum) first = ch;
-    if (this.#roundMax <= first.syncNum + 2 * c - 1) return null;
-    return wireError('ERR_SYNC', `${first.name}: SYNC packet ${first.syncNum} at barrier ${this.#barriers}, but the round reaches packet ${this.#roundMax} (at most ${2 * c - 1} apart with ${c} channels): a SYNC from another round`, first.name, first.q.consumed);
   }
 
   // ---------------------------------------------------------------- endings
@@ -884,9 +763,8 @@ export class IncomingMigration extends EventEmitter {
     this.#outcome = o;
     if (!this.#endedAt) this.#endedAt = performance.now();
     if (this.#heartbeat) clearTimeout(this.#heartbeat);
-    if (this.#settleTimer) clearTimeout(this.#settleTimer);
     if (this.#drainTimer) clearTimeout(this.#drainTimer);
-    if (this.#barrier) { this.#barrier.reject(o.kind === 'completed' ? new Error('closed') : (o as { error?: MigrationError }).error ?? new Error('closed')); this.#barrier = null; }
+    this.#sync.stop(o.kind === 'completed' ? new Error('closed') : (o as { error?: MigrationError }).error ?? new Error('closed'));
     for (const c of this.channels) this.#channelSock.get(c)?.destroy();
     if (o.kind !== 'completed') this.#main?.destroy();
     else this.#main?.end();
@@ -918,7 +796,7 @@ export class IncomingMigration extends EventEmitter {
   get committedCheckpoint(): number { return this.#committed; }
   get durationMs(): number { return (this.#endedAt || performance.now()) - this.#startedAt; }
   get syncScheme(): string { return this.#syncScheme; }
-  get barriers(): number { return this.#barriers; }
+  get barriers(): number { return this.#sync.barriers; }
 
   /** The VM as of the last complete checkpoint (spec §5.6), or null before the initial migration ends. */
   async committedImage(): Promise<CommittedImage | null> {
@@ -953,7 +831,7 @@ export class IncomingMigration extends EventEmitter {
       colo: this.#colo,
       committedCheckpoint: this.#committed,
       syncScheme: this.#syncScheme,
-      barriers: this.#barriers,
+      barriers: this.#sync.barriers,
       durationMs: Math.round(this.durationMs * 1000) / 1000,
       bytes,
       gbPerSec: secs > 0 ? bytes / secs / 1e9 : 0,
