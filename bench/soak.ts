@@ -132,7 +132,7 @@ if (a.primary !== undefined) {
   });
   sample(0, 'start');
   const child = fork(new URL(import.meta.url).pathname, ['--primary', String(port), '--checkpoints', String(checkpoints), '--ram-mib', String(ramMiB),
-    '--channels', String(channels), '--layout', layout, '--workload', String(a.workload)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    '--channels', String(channels), '--layout', layout, '--workload', String(a.workload), '--zero-fraction', String(zeroFraction)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
   let final: { checkpoint: number; hashes: Record<string, string> } | undefined;
   let primaryResult: unknown;
   child.on('message', (m: { type: string; checkpoint?: number; hashes?: Record<string, string>; res?: unknown }) => {
