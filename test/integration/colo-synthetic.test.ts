@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { SyntheticSource } from '../../src/sender/source.js';
 import { coloRoundTrip, startReceiver } from '../helpers/synthetic.js';
+import { compareImage } from '../../src/verify/compare.js';
 
 const cases = [
   { layout: '7.2', channels: 0, workload: 'load' }, { layout: '7.2', channels: 4, workload: 'load' },
@@ -41,6 +42,32 @@ describe('heartbeat timeout: auto', () => {
       // after checkpoint 1 one gap is known (still 30 s); from checkpoint 2 on, ~3 x 450 ms
       assert.equal(seen[0], 30_000, JSON.stringify(seen));
       for (const ms of seen.slice(1)) assert.ok(ms >= 3 * 450 && ms < 3 * 450 + 1500, JSON.stringify(seen));
+    } finally {
+      await r.close();
+    }
+  });
+});
+
+describe('--max-memory: a checkpoint that needs more page memory than the cap', () => {
+  test('fails with ERR_LIMIT and the committed checkpoint stays the one before it, byte for byte', async () => {
+    // 64 MiB guest: 32 MiB slab chunks; the initial image (~60 % non-zero) fits in two, a
+    // checkpoint of 12,000 pages needs a third.
+    const r = await startReceiver({ multifdChannels: 4, maxMemoryBytes: 64 * 2 ** 20, heartbeatTimeoutMs: 0 });
+    try {
+      let atInitial: Map<string, Uint8Array> | null = null;
+      const src = new SyntheticSource({ colo: true, port: r.port, layout: '7.2', channels: 4, checkpoints: 3, workload: { pages: 12_000 }, seed: 5, memory: { ramMiB: 64 } });
+      src.once('precopy', () => { atInitial = new Map(src.model.blocks.map((b) => [b.idstr, Buffer.from(b.host) as Uint8Array])); });
+      await src.run().catch(() => undefined);
+      src.close();
+      const outcome = await r.mig.done;
+      assert.equal(outcome.kind, 'failed', JSON.stringify(outcome));
+      assert.equal(outcome.kind === 'failed' ? outcome.error.code : '', 'ERR_LIMIT');
+      const img = await r.mig.committedImage();
+      assert.ok(img && atInitial);
+      assert.equal(img.checkpoint, 0);
+      assert.equal(compareImage(img, atInitial), null);
+      const mem = r.mig.memoryStats();
+      assert.ok(mem.slabBytes! <= 64 * 2 ** 20, `slab ${mem.slabBytes} within the cap`);
     } finally {
       await r.close();
     }
