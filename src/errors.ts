@@ -38,6 +38,12 @@ export function wireError(code: MigrationErrorCode, message: string, channel?: s
   return new MigrationError(code, message, channel, streamOffset);
 }
 
+/** Anything thrown on a channel's path as a MigrationError; not one already: ERR_WORKER (internal). */
+export function toMigrationError(e: unknown, channel: string, at: number): MigrationError {
+  if (e instanceof MigrationError) return e;
+  return new MigrationError('ERR_WORKER', `${channel}: internal error: ${e instanceof Error ? e.message : String(e)}`, channel, at, { cause: e });
+}
+
 export function hex(n: number, width = 8): string {
   return n.toString(16).padStart(width, '0');
 }

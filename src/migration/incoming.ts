@@ -11,7 +11,7 @@ export type Transport = Duplex & { setNoDelay?: (b: boolean) => unknown; setTime
 type Socket = Transport;
 import { performance } from 'node:perf_hooks';
 import type { DecodeTask } from '../compression/decoder.js';
-import { MigrationError, wireError } from '../errors.js';
+import { MigrationError, toMigrationError, wireError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { WRITE_BOTH, WRITE_CACHE, WRITE_GUEST, type WriteMode, type WriteTask } from '../memory/page-writer.js';
@@ -20,14 +20,10 @@ import { chunkSlotBitsFor, Slab } from '../memory/slab.js';
 import { adoptForDirectRead } from '../net/direct-read.js';
 import { DecoderThread, PagePool } from '../pool/page-pool.js';
 import { ByteQueue } from '../wire/byte-queue.js';
-import {
-  COLO_MESSAGE_CHECKPOINT_READY, COLO_MESSAGE_CHECKPOINT_REPLY, COLO_MESSAGE_CHECKPOINT_REQUEST, COLO_MESSAGE_NAMES,
-  COLO_MESSAGE_VMSTATE_LOADED, COLO_MESSAGE_VMSTATE_RECEIVED, COLO_MESSAGE_VMSTATE_SEND, COLO_MESSAGE_VMSTATE_SIZE,
-  COLO_MESSAGE__MAX, MIG_CMD_ENABLE_COLO, MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, MIG_RP_MSG_PONG, MIG_RP_MSG_SHUT,
-  QEMU_VM_EOF,
-} from '../wire/constants.js';
+import { MIG_CMD_ENABLE_COLO, MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, MIG_RP_MSG_PONG, MIG_RP_MSG_SHUT } from '../wire/constants.js';
 import { be32 } from '../wire/reader.js';
-import { CheckpointStats, type CheckpointRecord } from './checkpoint-stats.js';
+import { CheckpointStats } from './checkpoint-stats.js';
+import { ColoIncoming, ioTurn, type ColoPhase } from './colo.js';
 import type { CommittedImage } from './committed-image.js';
 import { DEFAULT_LIMITS, type Limits } from './limits.js';
 import type { CheckpointParticipant } from './participant.js';
@@ -86,16 +82,14 @@ function procMemory(): { vmHWMBytes: number; vmRSSBytes: number; anonHugePagesBy
   try { sm = readFileSync('/proc/self/smaps_rollup', 'utf8'); } catch { /* not Linux */ }
   return { vmHWMBytes: kb('VmHWM', st), vmRSSBytes: kb('VmRSS', st), anonHugePagesBytes: kb('AnonHugePages', sm) };
 }
-/** QEMU's default x-checkpoint-delay is 20 s: until the interval is known, wait longer than that. */
-export const HEARTBEAT_AUTO_FIRST_MS = 30_000;
-export const HEARTBEAT_AUTO_MIN_MS = 1000;
+export { HEARTBEAT_AUTO_FIRST_MS, HEARTBEAT_AUTO_MIN_MS } from './colo.js';
 /** Longest wait for the multifd channels' EOF after a precopy migration's last byte. */
 const DRAIN_GRACE_MS = 2000;
 
 // 'settling': the stream's end was parsed, one I/O turn before the at-rest check;
 // 'draining': precopy sent its last byte, waiting for the multifd channels' EOF;
-// 'colo-check': a checkpoint was received, one I/O turn before the at-rest check and commit.
-type Phase = 'savevm' | 'vmdesc' | 'settling' | 'draining' | 'colo-idle' | 'colo-send' | 'colo-size' | 'colo-blob' | 'colo-check' | 'committing' | 'done';
+// the COLO phases ('colo-idle' ... 'committing') are driven by colo.ts.
+type Phase = 'savevm' | 'vmdesc' | 'settling' | 'draining' | ColoPhase | 'done';
 
 /** Phases in which the main channel's silence is not the peer's fault: we are committing or waiting. */
 const MAIN_WAITS_ON_US: ReadonlySet<Phase> = new Set<Phase>(['colo-idle', 'done', 'committing', 'colo-check', 'settling', 'draining']);
@@ -104,17 +98,10 @@ const MAIN_WAITS_ON_US: ReadonlySet<Phase> = new Set<Phase>(['colo-idle', 'done'
 const MULTIFD_OPEN: ReadonlySet<Phase> = new Set<Phase>(['savevm', 'colo-send']);
 
 /**
- * Two setImmediate hops put one poll phase in between: bytes a peer wrote before the main
- * channel's last record but that libuv has not read yet are parsed before we decide.
- */
-const ioTurn = (): Promise<void> => new Promise((r) => setImmediate(() => setImmediate(r)));
-
-
-/**
  * One incoming migration (cf. MigrationIncomingState): owns the channels, the page pool and
- * guest memory, runs the barriers between the main channel and the multifd channels, and in
- * COLO mode the secondary's checkpoint state machine (spec §5.3). Errors from any part end
- * here, in `#fail`, once.
+ * guest memory, the phase and the main channel's pump; the barriers run in MultifdSync
+ * (multifd-sync.ts), the COLO secondary's checkpoint state machine (spec §5.3) in ColoIncoming
+ * (colo.ts). Errors from any part end here, in `#endWith`, once.
  */
 export class IncomingMigration extends EventEmitter {
   readonly blocks = new RAMBlockList();
@@ -132,7 +119,6 @@ export class IncomingMigration extends EventEmitter {
   #mainEnded = false;
   #phase: Phase = 'savevm';
   #colo: boolean;
-  #inColoState = false;
   #returnPath = false;
   #initialDone = false;
   #syncScheme: 'unknown' | 'per-section' | 'per-round' = 'unknown';
@@ -142,16 +128,10 @@ export class IncomingMigration extends EventEmitter {
   #deviceSections: Buffer[] = [];
   #committedBlob: Buffer | null = null;   // device state of the committed image (FULL sections, no EOF)
   #committed = -1;                        // checkpoint number of the committed image; 0 = initial migration
-  #blob: Buffer | null = null;
-  #blobAt = 0;
-  #cur: CheckpointRecord | null = null;
-  #elu: ReturnType<typeof performance.eventLoopUtilization> | null = null;
-  #commit: Promise<void> | null = null;
   #outcome: Outcome | null = null;
   #resolveDone!: (o: Outcome) => void;
   #startedAt = 0;
   #endedAt = 0;
-  #heartbeat: NodeJS.Timeout | null = null;
   #sockets = new Set<Socket>();
   readonly #channelSock = new Map<MultiFDChannel, Socket>();
   readonly #overLimit = new Set<number>();   // indexes in `channels` past limits.maxChannels
@@ -160,6 +140,8 @@ export class IncomingMigration extends EventEmitter {
   readonly #decoders = new Map<MultiFDChannel, { thread: DecoderThread; seq: number }>();
   readonly #streamKey = randomUUID();
   readonly #sync: MultifdSync;
+  /** The checkpoint state machine of colo.c: COLO messages, commit, heartbeat, per-checkpoint figures. */
+  readonly #coloIn: ColoIncoming;
   #decodersClosed: Promise<unknown> | null = null;
   readonly done: Promise<Outcome>;
 
@@ -189,6 +171,28 @@ export class IncomingMigration extends EventEmitter {
     this.#ram = new RamSectionParser(this.#ramSink, this.limits);
     this.#vm = new VmStateParser(this.#mainQ, this.#vmSink, this.#ram, this.limits);
     this.#vm.expectVmdesc = opts.expectVmdesc ?? true;
+    this.#coloIn = new ColoIncoming({
+      log: this.log,
+      limits: this.limits,
+      blocks: this.blocks,
+      stats: this.stats,
+      mainQ: this.#mainQ,
+      get heartbeatTimeoutMs() { return opts.heartbeatTimeoutMs ?? 0; },
+      ended: () => this.#outcome !== null,
+      setPhase: (p) => { this.#phase = p; },
+      send: (b) => { this.#main?.write(b); },
+      pauseMain: () => { this.#main?.pause(); },
+      resumeMain: () => { this.#main?.resume(); },
+      pump: () => this.#pumpMain(),
+      beginRecords: () => this.#vm.beginRecords(),
+      checkAtRest: (what) => this.#sync.checkAtRest(what),
+      committed: () => this.#committed,
+      commitImage: (index, deviceState) => { this.#committedBlob = deviceState; this.#committed = index; },
+      commitParticipants: (index) => this.#commitParticipants(index),
+      counters: () => ({ main: this.#ram, channels: this.#sortedChannels() }),
+      fail: (err, peerLoss) => this.#endWith(err, peerLoss),
+      emitCheckpoint: (ev) => { this.emit('checkpoint', ev); },
+    });
     this.done = new Promise((r) => { this.#resolveDone = r; });
   }
 
@@ -239,7 +243,7 @@ export class IncomingMigration extends EventEmitter {
       ch.end();
       // In COLO the channels stay open for the whole session (spec §5.7): an EOF is the primary
       // going away. In precopy a channel may close once its last SYNC is in.
-      if (!ch.failed && this.#inColoState) this.#peerEnded(ch.name);
+      if (!ch.failed && this.#coloIn.active) this.#peerEnded(ch.name);
       else if (this.#sync.waiting) this.#sync.check();
       else if (this.#phase === 'draining') this.#checkDrained(false);
     });
@@ -293,7 +297,7 @@ export class IncomingMigration extends EventEmitter {
 
   // ---------------------------------------------------------------- memory & modes
 
-  #writeMode(): WriteMode { return this.#inColoState ? WRITE_CACHE : this.#colo ? WRITE_BOTH : WRITE_GUEST; }
+  #writeMode(): WriteMode { return this.#coloIn.active ? WRITE_CACHE : this.#colo ? WRITE_BOTH : WRITE_GUEST; }
 
   readonly #ramSink: RamSink = {
     onMemSize: (list) => {
@@ -338,7 +342,7 @@ export class IncomingMigration extends EventEmitter {
     },
     onSection: (h: SectionHeader) => { this.emit('section', h); },
     onRamEos: () => {
-      if (this.log.isLevelEnabled('debug')) this.log.debug({ t: performance.now() - (this.#cur?.tSend ?? 0) }, 'ram EOS');
+      if (this.log.isLevelEnabled('debug')) this.log.debug({ t: performance.now() - (this.#coloIn.current?.tSend ?? 0) }, 'ram EOS');
       if (this.#syncScheme === 'unknown') this.#syncScheme = 'per-section';
       return this.#syncScheme === 'per-section' ? this.#sync.run() : undefined;
     },
@@ -357,11 +361,6 @@ export class IncomingMigration extends EventEmitter {
     this.#main?.write(Buffer.concat([h, payload]));
   }
 
-  #reply(msg: number): void {
-    this.log.debug({ checkpoint: this.#cur?.index }, `send ${COLO_MESSAGE_NAMES[msg]}`);
-    this.#main?.write(be32(msg));
-  }
-
   #pumping = false;
   #pumpMain(): void {
     if (this.#pumping || this.#outcome) return;
@@ -371,7 +370,7 @@ export class IncomingMigration extends EventEmitter {
       // barrier): its EOF counts only once everything buffered has been parsed.
       if (this.#stepMain() === 'data' && this.#mainEnded) this.#peerEnded('main');
     } catch (e) {
-      this.#endWith(this.#asError(e, 'main', this.#mainQ.consumed), false);
+      this.#endWith(toMigrationError(e, 'main', this.#mainQ.consumed), false);
     } finally {
       this.#pumping = false;
     }
@@ -389,16 +388,12 @@ export class IncomingMigration extends EventEmitter {
           if (r === 'held') {
             this.#main?.pause();
             this.#vm.held!.then(() => { this.#main?.resume(); this.#pumpMain(); },
-              (e: unknown) => this.#endWith(this.#asError(e, 'main', q.consumed), false));
+              (e: unknown) => this.#endWith(toMigrationError(e, 'main', q.consumed), false));
             return 'wait';
           }
           if (!this.#initialDone) {
             if (this.#vm.expectVmdesc) { this.#vm.beginVmdesc(); this.#phase = 'vmdesc'; } else return this.#settleInitial();
-          } else {
-            this.#cur!.tRamDone = performance.now();
-            if (this.#elu) this.#cur!.transferBusyMs = performance.eventLoopUtilization(this.#elu).active;
-            this.#phase = 'colo-size';
-          }
+          } else this.#coloIn.ramDone();
           break;
         }
         case 'vmdesc': {
@@ -406,69 +401,13 @@ export class IncomingMigration extends EventEmitter {
           if (r !== 'vmdesc') return 'data';
           return this.#settleInitial();
         }
-        case 'colo-idle': {
-          if (q.length < 4) return 'data';
-          const at = q.consumed;
-          const msg = q.take(4).readUInt32BE(0);
-          this.#expectMsg(msg, COLO_MESSAGE_CHECKPOINT_REQUEST, at);
-          this.#noteRequest();
-          this.#cur = this.stats.begin(this.#committed + 1, performance.now());
-          this.#snapshotCounters();
-          this.#reply(COLO_MESSAGE_CHECKPOINT_REPLY);
-          this.#phase = 'colo-send';
-          break;
-        }
-        case 'colo-send': {
-          if (q.length < 4) return 'data';
-          const at = q.consumed;
-          this.#expectMsg(q.take(4).readUInt32BE(0), COLO_MESSAGE_VMSTATE_SEND, at);
-          this.#cur!.tSend = performance.now();
-          this.#elu = performance.eventLoopUtilization();
-          this.#vm.beginRecords();
-          this.#phase = 'savevm';
-          break;
-        }
-        case 'colo-size': {
-          if (q.length < 12) return 'data';
-          const at = q.consumed;
-          const b = q.take(12);
-          this.#expectMsg(b.readUInt32BE(0), COLO_MESSAGE_VMSTATE_SIZE, at);
-          const hi = b.readUInt32BE(4), lo = b.readUInt32BE(8);
-          const size = hi * 2 ** 32 + lo;
-          if (hi > 0x1f_ffff || size > this.limits.maxBlobBytes) throw wireError('ERR_LIMIT', `main: VMSTATE_SIZE ${size} above the cap ${this.limits.maxBlobBytes}`, 'main', at + 4);
-          if (size < 1) throw wireError('ERR_COLO_PROTOCOL', 'main: empty device-state blob', 'main', at + 4);
-          this.#blob = Buffer.allocUnsafe(size);
-          this.#blobAt = 0;
-          this.#phase = 'colo-blob';
-          break;
-        }
+        case 'colo-idle':
+        case 'colo-send':
+        case 'colo-size':
         case 'colo-blob': {
-          const blob = this.#blob!;
-          const n = Math.min(q.length, blob.length - this.#blobAt);
-          if (n > 0) { q.copyInto(blob, this.#blobAt, n); this.#blobAt += n; }
-          if (this.#blobAt < blob.length) return 'data';
-          // The blob is one FULL section per device then QEMU_VM_EOF (spec §5.5).
-          if (blob[blob.length - 1] !== QEMU_VM_EOF) throw wireError('ERR_COLO_PROTOCOL', 'main: device-state blob does not end with QEMU_VM_EOF', 'main', q.consumed - 1);
-          const cur = this.#cur!;
-          // checked now, before VMSTATE_RECEIVED goes out, and once more after an I/O turn
-          this.#sync.checkAtRest(`checkpoint ${cur.index}`);
-          cur.tBlob = performance.now();
-          cur.blobBytes = blob.length;
-          this.#reply(COLO_MESSAGE_VMSTATE_RECEIVED);
-          this.#phase = 'colo-check';
-          this.#main?.pause();
-          this.#commit = ioTurn().then(() => {
-            if (this.#outcome) return;
-            // Still part of this checkpoint: an error here discards it (see #endWith).
-            this.#sync.checkAtRest(`checkpoint ${cur.index}`);
-            this.#phase = 'committing';
-            return this.#commitCheckpoint(blob);
-          }).then(
-            () => { this.#commit = null; this.#main?.resume(); this.#pumpMain(); },
-            // ERR_PEER from a participant: its peer (the primary's NBD client) is gone.
-            (e: unknown) => { this.#commit = null; const err = this.#asError(e, 'main', q.consumed); this.#endWith(err, err.code === 'ERR_PEER'); },
-          );
-          return 'wait';
+          const r = this.#coloIn.step(this.#phase);
+          if (r !== 'next') return r;
+          break;
         }
         case 'settling':
         case 'draining':
@@ -480,22 +419,16 @@ export class IncomingMigration extends EventEmitter {
     }
   }
 
-  #expectMsg(got: number, want: number, at: number): void {
-    if (got === want) return;
-    const name = got < COLO_MESSAGE__MAX ? COLO_MESSAGE_NAMES[got] : `invalid message ${got}`;
-    throw wireError('ERR_COLO_PROTOCOL', `main: received ${name}, expected ${COLO_MESSAGE_NAMES[want]}`, 'main', at);
-  }
-
   /** The initial migration's last byte was parsed: one I/O turn, then #finishInitial. */
   #settleInitial(): 'wait' {
     this.#phase = 'settling';
     this.#main?.pause();
     void ioTurn().then(() => (this.#outcome ? undefined : this.#commitParticipants(0))).then(() => {
       if (this.#outcome) return;
-      try { this.#finishInitial(); } catch (e) { this.#endWith(this.#asError(e, 'main', this.#mainQ.consumed), false); return; }
+      try { this.#finishInitial(); } catch (e) { this.#endWith(toMigrationError(e, 'main', this.#mainQ.consumed), false); return; }
       this.#main?.resume();
       this.#pumpMain();
-    }, (e: unknown) => this.#endWith(this.#asError(e, 'main', this.#mainQ.consumed), false));
+    }, (e: unknown) => this.#endWith(toMigrationError(e, 'main', this.#mainQ.consumed), false));
     return 'wait';
   }
 
@@ -510,15 +443,7 @@ export class IncomingMigration extends EventEmitter {
     const dt = performance.now() - this.#startedAt;
     const { bytes, pages } = this.totals;
     this.log.info({ bytes, pages, ms: Math.round(dt) }, 'initial migration received');
-    if (this.#colo) {
-      // COLO state: from now on pages land in the cache only, with dirty bits (spec §5.6 rule 3).
-      this.#inColoState = true;
-      this.#phase = 'colo-idle';
-      this.#reply(COLO_MESSAGE_CHECKPOINT_READY);
-      this.#armHeartbeat();
-      this.emit('checkpoint', { index: 0, initial: true });
-      return;
-    }
+    if (this.#colo) { this.#coloIn.enter(); return; }
     if (this.#returnPath) this.#rpSend(MIG_RP_MSG_SHUT, be32(0));
     this.#endedAt = performance.now();
     if (this.channels.length === 0) { this.#phase = 'done'; this.#settle({ kind: 'completed' }); return; }
@@ -541,78 +466,13 @@ export class IncomingMigration extends EventEmitter {
     if (this.#outcome || this.#phase !== 'draining') return;
     if (!force && !this.channels.every((c) => c.exhausted || c.failed || c.atSync)) return;
     if (this.#drainTimer) { clearTimeout(this.#drainTimer); this.#drainTimer = null; }
-    try { this.#sync.checkAtRest('the migration'); } catch (e) { this.#endWith(this.#asError(e, 'main', this.#mainQ.consumed), false); return; }
+    try { this.#sync.checkAtRest('the migration'); } catch (e) { this.#endWith(toMigrationError(e, 'main', this.#mainQ.consumed), false); return; }
     this.#phase = 'done';
     this.#settle({ kind: 'completed' });
   }
 
-  /**
-   * colo_flush_ram_cache() + the device-state swap: every dirty page's committed entry swings
-   * to the slot the checkpoint wrote (no page copy), then the blob becomes the committed one,
-   * then VMSTATE_LOADED. Runs in one turn of this thread, so no reader sees half of it.
-   */
-  async #commitCheckpoint(blob: Buffer): Promise<void> {
-    const cur = this.#cur!;
-    // Participants first: one that refuses (a disk that missed writes) leaves RAM untouched.
-    await this.#commitParticipants(cur.index);
-    cur.tFlushStart = performance.now();
-    let flushed = 0;
-    for (const b of this.blocks.blocks) flushed += b.commit();
-    const slab = this.blocks.slab;
-    slab.releaseDeferred();
-    cur.flushedPages = flushed;
-    cur.tFlushEnd = performance.now();
-    this.#noteDirty(flushed);
-    this.#committedBlob = blob.subarray(0, blob.length - 1);
-    this.#committed = cur.index;
-    this.#blob = null;
-    this.#reply(COLO_MESSAGE_VMSTATE_LOADED);
-    cur.tLoaded = performance.now();
-    this.#collectCounters(cur);
-    this.stats.finish(cur);
-    this.#phase = 'colo-idle';
-    this.#armHeartbeat();
-    // After the reply: giving chunks back is not on the primary's clock.
-    const trimmed = slab.trim(this.#reserveSlots());
-    if (trimmed > 0) this.log.debug({ chunks: trimmed, bytes: slab.bytes }, 'slab chunks returned');
-    this.log.info(this.stats.logLine(cur), 'checkpoint');
-    this.emit('checkpoint', { index: cur.index, initial: false, record: cur });
-  }
-
   async #commitParticipants(index: number): Promise<void> {
     for (const p of this.#opts.participants ?? []) await p.commit(index);
-  }
-
-  #counterBase = { mainPages: 0, mainZero: 0, mainBytes: 0, ch: [] as { pages: number; zero: number; bytes: number }[] };
-  #snapshotCounters(): void {
-    this.#counterBase = {
-      mainPages: this.#ram.pages, mainZero: this.#ram.zeroPages, mainBytes: this.#ram.bytes,
-      ch: this.#sortedChannels().map((c) => ({ pages: c.pages, zero: c.zeroPages, bytes: c.bytes })),
-    };
-  }
-
-  #collectCounters(cur: CheckpointRecord): void {
-    const base = this.#counterBase;
-    cur.pages = this.#ram.pages - base.mainPages;
-    cur.zeroPages = this.#ram.zeroPages - base.mainZero;
-    cur.channelBytes = [this.#ram.bytes - base.mainBytes];
-    this.#sortedChannels().forEach((c, i) => {
-      const b = base.ch[i] ?? { pages: 0, zero: 0, bytes: 0 };
-      cur.pages += c.pages - b.pages;
-      cur.zeroPages += c.zeroPages - b.zero;
-      cur.channelBytes.push(c.bytes - b.bytes);
-    });
-  }
-
-  /** Dirty pages of the last checkpoints: what the slab keeps free for the next one. */
-  readonly #recentDirty: number[] = [];
-  #noteDirty(pages: number): void {
-    this.#recentDirty.push(pages);
-    if (this.#recentDirty.length > 16) this.#recentDirty.shift();
-  }
-  /** Free slots kept after a commit: twice the largest recent checkpoint, at least one chunk. */
-  #reserveSlots(): number {
-    return Math.max(this.blocks.slab.chunkSlots, 2 * Math.max(0, ...this.#recentDirty));
   }
 
   /**
@@ -630,36 +490,8 @@ export class IncomingMigration extends EventEmitter {
 
   #sortedChannels(): MultiFDChannel[] { return [...this.channels].sort((a, b) => a.id - b.id); }
 
-  /** Idle gaps (commit -> next CHECKPOINT_REQUEST), the last eight, for the 'auto' heartbeat. */
-  readonly #gaps: number[] = [];
-  #armedAt = 0;
-
   /** The heartbeat timeout now in force (ms; 0: none). */
-  get heartbeatMs(): number {
-    const o = this.#opts.heartbeatTimeoutMs ?? 0;
-    if (o !== 'auto') return o;
-    if (this.#gaps.length < 2) return HEARTBEAT_AUTO_FIRST_MS;
-    return Math.max(HEARTBEAT_AUTO_MIN_MS, Math.ceil(3 * Math.max(...this.#gaps)));
-  }
-
-  #noteRequest(): void {
-    if (this.#armedAt === 0) return;
-    this.#gaps.push(performance.now() - this.#armedAt);
-    if (this.#gaps.length > 8) this.#gaps.shift();
-    this.#armedAt = 0;
-  }
-
-  #armHeartbeat(): void {
-    const ms = this.heartbeatMs;
-    this.#armedAt = performance.now();
-    if (this.#heartbeat) clearTimeout(this.#heartbeat);
-    this.#heartbeat = null;
-    if (ms <= 0 || this.#outcome) return;
-    this.#heartbeat = setTimeout(() => {
-      this.#endWith(wireError('ERR_TIMEOUT', `main: no checkpoint for ${ms} ms (heartbeat timeout)`, 'main', this.#mainQ.consumed), true);
-    }, ms);
-    this.#heartbeat.unref();
-  }
+  get heartbeatMs(): number { return this.#coloIn.heartbeatMs; }
 
   // ---------------------------------------------------------------- multifd channels & barriers
 
@@ -686,7 +518,7 @@ export class IncomingMigration extends EventEmitter {
     },
     onPacket: (ch, p, at) => this.#sync.checkRound(ch, p, at),
     onSynced: (ch) => {
-      if (this.log.isLevelEnabled('debug')) this.log.debug({ channel: ch.name, t: performance.now() - (this.#cur?.tSend ?? 0) }, 'synced');
+      if (this.log.isLevelEnabled('debug')) this.log.debug({ channel: ch.name, t: performance.now() - (this.#coloIn.current?.tSend ?? 0) }, 'synced');
       if (this.#sync.waiting) queueMicrotask(() => this.#sync.check()); },
     onBlocked: (ch, blocked) => {
       const sock = this.#channelSock.get(ch)!;
@@ -719,11 +551,6 @@ export class IncomingMigration extends EventEmitter {
 
   // ---------------------------------------------------------------- endings
 
-  #asError(e: unknown, channel: string, at: number): MigrationError {
-    if (e instanceof MigrationError) return e;
-    return new MigrationError('ERR_WORKER', `${channel}: internal error: ${e instanceof Error ? e.message : String(e)}`, channel, at, { cause: e });
-  }
-
   /** A socket ended or errored. Clean for a channel only between packets. */
   #peerEnded(channel: string, err?: Error): void {
     if (this.#outcome) return;
@@ -741,16 +568,17 @@ export class IncomingMigration extends EventEmitter {
    */
   #endWith(err: MigrationError, peerLoss: boolean): void {
     if (this.#outcome) return;
-    if (this.#inColoState && this.#committed >= 0) {
+    if (this.#coloIn.active && this.#committed >= 0) {
+      const cur = this.#coloIn.current;
       const inflight = this.#phase !== 'colo-idle' && this.#phase !== 'committing';
-      if (inflight && this.#cur) this.stats.discard(this.#cur);
+      if (inflight && cur) this.stats.discard(cur);
       // Its pending slots go back; nothing allocates after this, so a page write still on a
       // worker lands in a free slot that no table entry names.
       if (inflight) for (const b of this.blocks.blocks) b.discard();
       const reason = `${err.code}: ${err.message}`;
       // A checkpoint whose commit is running is complete: it finishes and is the one held.
-      const held = this.#phase === 'committing' && this.#cur ? this.#cur.index : this.#committed;
-      this.log[peerLoss ? 'warn' : 'error']({ err, checkpoint: held }, `COLO ended; ${inflight ? `checkpoint ${this.#cur?.index} discarded; ` : ''}holding committed checkpoint ${held}${held !== this.#committed ? ' (its commit completes first)' : ''}`);
+      const held = this.#phase === 'committing' && cur ? cur.index : this.#committed;
+      this.log[peerLoss ? 'warn' : 'error']({ err, checkpoint: held }, `COLO ended; ${inflight ? `checkpoint ${cur?.index} discarded; ` : ''}holding committed checkpoint ${held}${held !== this.#committed ? ' (its commit completes first)' : ''}`);
       this.#settle(peerLoss ? { kind: 'primary-lost', reason, error: err } : { kind: 'failed', error: err });
       return;
     }
@@ -762,7 +590,7 @@ export class IncomingMigration extends EventEmitter {
     if (this.#outcome) return;
     this.#outcome = o;
     if (!this.#endedAt) this.#endedAt = performance.now();
-    if (this.#heartbeat) clearTimeout(this.#heartbeat);
+    this.#coloIn.stop();
     if (this.#drainTimer) clearTimeout(this.#drainTimer);
     this.#sync.stop(o.kind === 'completed' ? new Error('closed') : (o as { error?: MigrationError }).error ?? new Error('closed'));
     for (const c of this.channels) this.#channelSock.get(c)?.destroy();
@@ -775,7 +603,7 @@ export class IncomingMigration extends EventEmitter {
     // The commit in flight (if any) finishes before the outcome is visible: the image a caller
     // reads afterwards is a complete checkpoint.
     // Participants settle on the committed checkpoint (pending disk writes dropped) before too.
-    void (this.#commit ?? Promise.resolve())
+    void (this.#coloIn.commitInFlight ?? Promise.resolve())
       .then(() => Promise.allSettled((this.#opts.participants ?? []).map((p) => p.end(this.#committed))))
       .then(() => this.#resolveDone(o));
   }
@@ -800,7 +628,8 @@ export class IncomingMigration extends EventEmitter {
 
   /** The VM as of the last complete checkpoint (spec §5.6), or null before the initial migration ends. */
   async committedImage(): Promise<CommittedImage | null> {
-    if (this.#commit) await this.#commit;
+    const commit = this.#coloIn.commitInFlight;
+    if (commit) await commit;
     if (this.#committed < 0 || this.#committedBlob === null) return null;
     return {
       checkpoint: this.#committed,

@@ -1,0 +1,300 @@
+import { performance } from 'node:perf_hooks';
+import { toMigrationError, wireError, type MigrationError } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { RAMBlockList } from '../memory/ram-block.js';
+import type { ByteQueue } from '../wire/byte-queue.js';
+import {
+  COLO_MESSAGE_CHECKPOINT_READY, COLO_MESSAGE_CHECKPOINT_REPLY, COLO_MESSAGE_CHECKPOINT_REQUEST, COLO_MESSAGE_NAMES,
+  COLO_MESSAGE_VMSTATE_LOADED, COLO_MESSAGE_VMSTATE_RECEIVED, COLO_MESSAGE_VMSTATE_SEND, COLO_MESSAGE_VMSTATE_SIZE,
+  COLO_MESSAGE__MAX, QEMU_VM_EOF,
+} from '../wire/constants.js';
+import { be32 } from '../wire/reader.js';
+import type { CheckpointRecord, CheckpointStats } from './checkpoint-stats.js';
+import type { Limits } from './limits.js';
+
+/** QEMU's default x-checkpoint-delay is 20 s: until the interval is known, wait longer than that. */
+export const HEARTBEAT_AUTO_FIRST_MS = 30_000;
+export const HEARTBEAT_AUTO_MIN_MS = 1000;
+
+/**
+ * Two setImmediate hops put one poll phase in between: bytes a peer wrote before the main
+ * channel's last record but that libuv has not read yet are parsed before we decide.
+ */
+export const ioTurn = (): Promise<void> => new Promise((r) => setImmediate(() => setImmediate(r)));
+
+/**
+ * The migration phases this module drives. 'colo-check': a checkpoint was received, one I/O
+ * turn before the at-rest check and commit; 'committing': the commit runs.
+ */
+export type ColoPhase = 'colo-idle' | 'colo-send' | 'colo-size' | 'colo-blob' | 'colo-check' | 'committing';
+
+/** Page counters of one channel, cumulative since the migration began. */
+export interface ChannelCounts { readonly pages: number; readonly zeroPages: number; readonly bytes: number }
+
+/** The event a commit emits (checkpoint 0 is the initial migration). */
+export type CheckpointEvent = { index: number; initial: true } | { index: number; initial: false; record: CheckpointRecord };
+
+/** What the checkpoint state machine needs from the incoming migration it belongs to. */
+export interface ColoHost {
+  readonly log: Logger;
+  readonly limits: Limits;
+  readonly blocks: RAMBlockList;
+  readonly stats: CheckpointStats;
+  /** The main channel's bytes: COLO messages and the device-state blob are read from it. */
+  readonly mainQ: ByteQueue;
+  readonly heartbeatTimeoutMs: number | 'auto';
+  /** The migration has an outcome: nothing to arm or commit any more. */
+  ended(): boolean;
+  setPhase(p: ColoPhase | 'savevm'): void;
+  /** Writes on the main socket (the COLO replies go back on it). */
+  send(b: Buffer): void;
+  pauseMain(): void;
+  resumeMain(): void;
+  /** Runs the main channel again after a wait. */
+  pump(): void;
+  /** The checkpoint's RAM part follows VMSTATE_SEND: a savevm record stream up to QEMU_VM_EOF. */
+  beginRecords(): void;
+  /** multifd at rest (every channel at its last SYNC, nothing beyond): throws otherwise. */
+  checkAtRest(what: string): void;
+  /** Number of the committed checkpoint (0: the initial migration). */
+  committed(): number;
+  /** The checkpoint's RAM is committed: its device state (FULL sections, no EOF) becomes the image's. */
+  commitImage(index: number, deviceState: Buffer): void;
+  commitParticipants(index: number): Promise<void>;
+  /** The main channel, then each multifd channel by id. */
+  counters(): { main: ChannelCounts; channels: ChannelCounts[] };
+  fail(err: MigrationError, peerLoss: boolean): void;
+  emitCheckpoint(ev: CheckpointEvent): void;
+}
+
+/**
+ * The secondary's side of colo.c (colo_process_incoming_thread, colo_wait_handle_message,
+ * colo_incoming_process_checkpoint): the checkpoint transaction on the main channel (spec §5.3),
+ * the commit through the page table and the participants, the heartbeat, and each
+ * checkpoint's figures. The IncomingMigration owns the phase, the sockets and the endings.
+ */
+export class ColoIncoming {
+  /** In COLO state (migration_incoming_in_colo_state): pages go to pending slots with dirty bits. */
+  active = false;
+  #blob: Buffer | null = null;
+  #blobAt = 0;
+  #cur: CheckpointRecord | null = null;
+  #elu: ReturnType<typeof performance.eventLoopUtilization> | null = null;
+  #commit: Promise<void> | null = null;
+  #heartbeat: NodeJS.Timeout | null = null;
+
+  constructor(private readonly host: ColoHost) {}
+
+  /** The checkpoint in progress, or the last one. */
+  get current(): CheckpointRecord | null { return this.#cur; }
+  /** The at-rest check and commit of a received checkpoint, until it settles. */
+  get commitInFlight(): Promise<void> | null { return this.#commit; }
+
+  /** End of the initial migration in COLO mode: enter COLO state, CHECKPOINT_READY. */
+  enter(): void {
+    // COLO state: from now on pages land in the cache only, with dirty bits (spec §5.6 rule 3).
+    this.active = true;
+    this.host.setPhase('colo-idle');
+    this.#reply(COLO_MESSAGE_CHECKPOINT_READY);
+    this.#armHeartbeat();
+    this.host.emitCheckpoint({ index: 0, initial: true });
+  }
+
+  /** The migration ended: no heartbeat any more. */
+  stop(): void {
+    if (this.#heartbeat) clearTimeout(this.#heartbeat);
+  }
+
+  /** The checkpoint's RAM part reached QEMU_VM_EOF with every channel synced: VMSTATE_SIZE is next. */
+  ramDone(): void {
+    this.#cur!.tRamDone = performance.now();
+    if (this.#elu) this.#cur!.transferBusyMs = performance.eventLoopUtilization(this.#elu).active;
+    this.host.setPhase('colo-size');
+  }
+
+  /**
+   * One COLO step of the main channel in `phase`: 'next' after a message was consumed (the
+   * phase moved on), 'data' when more bytes are needed, 'wait' while the commit runs.
+   */
+  step(phase: 'colo-idle' | 'colo-send' | 'colo-size' | 'colo-blob'): 'next' | 'data' | 'wait' {
+    const h = this.host, q = h.mainQ;
+    switch (phase) {
+      case 'colo-idle': {            // be32 COLO_MESSAGE_CHECKPOINT_REQUEST (colo_send_message)
+        if (q.length < 4) return 'data';
+        const at = q.consumed;
+        const msg = q.take(4).readUInt32BE(0);
+        this.#expectMsg(msg, COLO_MESSAGE_CHECKPOINT_REQUEST, at);
+        this.#noteRequest();
+        this.#cur = h.stats.begin(h.committed() + 1, performance.now());
+        this.#snapshotCounters();
+        this.#reply(COLO_MESSAGE_CHECKPOINT_REPLY);
+        h.setPhase('colo-send');
+        return 'next';
+      }
+      case 'colo-send': {            // be32 COLO_MESSAGE_VMSTATE_SEND, then the RAM part
+        if (q.length < 4) return 'data';
+        const at = q.consumed;
+        this.#expectMsg(q.take(4).readUInt32BE(0), COLO_MESSAGE_VMSTATE_SEND, at);
+        this.#cur!.tSend = performance.now();
+        this.#elu = performance.eventLoopUtilization();
+        h.beginRecords();
+        h.setPhase('savevm');
+        return 'next';
+      }
+      case 'colo-size': {            // be32 COLO_MESSAGE_VMSTATE_SIZE, be64 size (colo_send_message_value)
+        if (q.length < 12) return 'data';
+        const at = q.consumed;
+        const b = q.take(12);
+        this.#expectMsg(b.readUInt32BE(0), COLO_MESSAGE_VMSTATE_SIZE, at);
+        const hi = b.readUInt32BE(4), lo = b.readUInt32BE(8);
+        const size = hi * 2 ** 32 + lo;
+        if (hi > 0x1f_ffff || size > h.limits.maxBlobBytes) throw wireError('ERR_LIMIT', `main: VMSTATE_SIZE ${size} above the cap ${h.limits.maxBlobBytes}`, 'main', at + 4);
+        if (size < 1) throw wireError('ERR_COLO_PROTOCOL', 'main: empty device-state blob', 'main', at + 4);
+        this.#blob = Buffer.allocUnsafe(size);
+        this.#blobAt = 0;
+        h.setPhase('colo-blob');
+        return 'next';
+      }
+      case 'colo-blob': {            // the device-state blob (qemu_save_device_state into a buffer)
+        const blob = this.#blob!;
+        const n = Math.min(q.length, blob.length - this.#blobAt);
+        if (n > 0) { q.copyInto(blob, this.#blobAt, n); this.#blobAt += n; }
+        if (this.#blobAt < blob.length) return 'data';
+        // The blob is one FULL section per device then QEMU_VM_EOF (spec §5.5).
+        if (blob[blob.length - 1] !== QEMU_VM_EOF) throw wireError('ERR_COLO_PROTOCOL', 'main: device-state blob does not end with QEMU_VM_EOF', 'main', q.consumed - 1);
+        const cur = this.#cur!;
+        // checked now, before VMSTATE_RECEIVED goes out, and once more after an I/O turn
+        h.checkAtRest(`checkpoint ${cur.index}`);
+        cur.tBlob = performance.now();
+        cur.blobBytes = blob.length;
+        this.#reply(COLO_MESSAGE_VMSTATE_RECEIVED);
+        h.setPhase('colo-check');
+        h.pauseMain();
+        this.#commit = ioTurn().then(() => {
+          if (h.ended()) return;
+          // Still part of this checkpoint: an error here discards it (see IncomingMigration#endWith).
+          h.checkAtRest(`checkpoint ${cur.index}`);
+          h.setPhase('committing');
+          return this.#commitCheckpoint(blob);
+        }).then(
+          () => { this.#commit = null; h.resumeMain(); h.pump(); },
+          // ERR_PEER from a participant: its peer (the primary's NBD client) is gone.
+          (e: unknown) => { this.#commit = null; const err = toMigrationError(e, 'main', q.consumed); h.fail(err, err.code === 'ERR_PEER'); },
+        );
+        return 'wait';
+      }
+    }
+  }
+
+  #reply(msg: number): void {
+    this.host.log.debug({ checkpoint: this.#cur?.index }, `send ${COLO_MESSAGE_NAMES[msg]}`);
+    this.host.send(be32(msg));
+  }
+
+  #expectMsg(got: number, want: number, at: number): void {
+    if (got === want) return;
+    const name = got < COLO_MESSAGE__MAX ? COLO_MESSAGE_NAMES[got] : `invalid message ${got}`;
+    throw wireError('ERR_COLO_PROTOCOL', `main: received ${name}, expected ${COLO_MESSAGE_NAMES[want]}`, 'main', at);
+  }
+
+  /**
+   * colo_flush_ram_cache() + the device-state swap: every dirty page's committed entry swings
+   * to the slot the checkpoint wrote (no page copy), then the blob becomes the committed one,
+   * then VMSTATE_LOADED. Runs in one turn of this thread, so no reader sees half of it.
+   */
+  async #commitCheckpoint(blob: Buffer): Promise<void> {
+    const h = this.host, cur = this.#cur!;
+    // Participants first: one that refuses (a disk that missed writes) leaves RAM untouched.
+    await h.commitParticipants(cur.index);
+    cur.tFlushStart = performance.now();
+    let flushed = 0;
+    for (const b of h.blocks.blocks) flushed += b.commit();
+    const slab = h.blocks.slab;
+    slab.releaseDeferred();
+    cur.flushedPages = flushed;
+    cur.tFlushEnd = performance.now();
+    this.#noteDirty(flushed);
+    h.commitImage(cur.index, blob.subarray(0, blob.length - 1));
+    this.#blob = null;
+    this.#reply(COLO_MESSAGE_VMSTATE_LOADED);
+    cur.tLoaded = performance.now();
+    this.#collectCounters(cur);
+    h.stats.finish(cur);
+    h.setPhase('colo-idle');
+    this.#armHeartbeat();
+    // After the reply: giving chunks back is not on the primary's clock.
+    const trimmed = slab.trim(this.#reserveSlots());
+    if (trimmed > 0) h.log.debug({ chunks: trimmed, bytes: slab.bytes }, 'slab chunks returned');
+    h.log.info(h.stats.logLine(cur), 'checkpoint');
+    h.emitCheckpoint({ index: cur.index, initial: false, record: cur });
+  }
+
+  // ---------------------------------------------------------------- per-checkpoint counters
+
+  #counterBase = { main: { pages: 0, zeroPages: 0, bytes: 0 } as ChannelCounts, ch: [] as ChannelCounts[] };
+  #snapshotCounters(): void {
+    const { main, channels } = this.host.counters();
+    this.#counterBase = {
+      main: { pages: main.pages, zeroPages: main.zeroPages, bytes: main.bytes },
+      ch: channels.map((c) => ({ pages: c.pages, zeroPages: c.zeroPages, bytes: c.bytes })),
+    };
+  }
+
+  #collectCounters(cur: CheckpointRecord): void {
+    const base = this.#counterBase;
+    const { main, channels } = this.host.counters();
+    cur.pages = main.pages - base.main.pages;
+    cur.zeroPages = main.zeroPages - base.main.zeroPages;
+    cur.channelBytes = [main.bytes - base.main.bytes];
+    channels.forEach((c, i) => {
+      const b = base.ch[i] ?? { pages: 0, zeroPages: 0, bytes: 0 };
+      cur.pages += c.pages - b.pages;
+      cur.zeroPages += c.zeroPages - b.zeroPages;
+      cur.channelBytes.push(c.bytes - b.bytes);
+    });
+  }
+
+  /** Dirty pages of the last checkpoints: what the slab keeps free for the next one. */
+  readonly #recentDirty: number[] = [];
+  #noteDirty(pages: number): void {
+    this.#recentDirty.push(pages);
+    if (this.#recentDirty.length > 16) this.#recentDirty.shift();
+  }
+  /** Free slots kept after a commit: twice the largest recent checkpoint, at least one chunk. */
+  #reserveSlots(): number {
+    return Math.max(this.host.blocks.slab.chunkSlots, 2 * Math.max(0, ...this.#recentDirty));
+  }
+
+  // ---------------------------------------------------------------- heartbeat
+
+  /** Idle gaps (commit -> next CHECKPOINT_REQUEST), the last eight, for the 'auto' heartbeat. */
+  readonly #gaps: number[] = [];
+  #armedAt = 0;
+
+  /** The heartbeat timeout now in force (ms; 0: none). */
+  get heartbeatMs(): number {
+    const o = this.host.heartbeatTimeoutMs;
+    if (o !== 'auto') return o;
+    if (this.#gaps.length < 2) return HEARTBEAT_AUTO_FIRST_MS;
+    return Math.max(HEARTBEAT_AUTO_MIN_MS, Math.ceil(3 * Math.max(...this.#gaps)));
+  }
+
+  #noteRequest(): void {
+    if (this.#armedAt === 0) return;
+    this.#gaps.push(performance.now() - this.#armedAt);
+    if (this.#gaps.length > 8) this.#gaps.shift();
+    this.#armedAt = 0;
+  }
+
+  #armHeartbeat(): void {
+    const ms = this.heartbeatMs;
+    this.#armedAt = performance.now();
+    if (this.#heartbeat) clearTimeout(this.#heartbeat);
+    this.#heartbeat = null;
+    if (ms <= 0 || this.host.ended()) return;
+    this.#heartbeat = setTimeout(() => {
+      this.host.fail(wireError('ERR_TIMEOUT', `main: no checkpoint for ${ms} ms (heartbeat timeout)`, 'main', this.host.mainQ.consumed), true);
+    }, ms);
+    this.#heartbeat.unref();
+  }
+}

@@ -1,0 +1,100 @@
+// The COLO secondary's checkpoint state machine (colo.ts) on its own, against a fake host:
+// the message order on the main channel, the replies, the commit, the 'auto' heartbeat.
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import { MigrationError } from '../../src/errors.js';
+import { silentLogger } from '../../src/log.js';
+import { RAMBlockList } from '../../src/memory/ram-block.js';
+import { CheckpointStats } from '../../src/migration/checkpoint-stats.js';
+import { ColoIncoming, HEARTBEAT_AUTO_FIRST_MS, type ColoHost, type ColoPhase } from '../../src/migration/colo.js';
+import { DEFAULT_LIMITS } from '../../src/migration/limits.js';
+import { ByteQueue } from '../../src/wire/byte-queue.js';
+import {
+  COLO_MESSAGE_CHECKPOINT_READY, COLO_MESSAGE_CHECKPOINT_REPLY, COLO_MESSAGE_CHECKPOINT_REQUEST,
+  COLO_MESSAGE_VMSTATE_LOADED, COLO_MESSAGE_VMSTATE_RECEIVED, COLO_MESSAGE_VMSTATE_SEND, COLO_MESSAGE_VMSTATE_SIZE, QEMU_VM_EOF,
+} from '../../src/wire/constants.js';
+import { be32 } from '../../src/wire/reader.js';
+
+function fakeHost(heartbeatTimeoutMs: number | 'auto' = 0) {
+  const sent: number[] = [], failed: MigrationError[] = [], events: unknown[] = [];
+  let phase: ColoPhase | 'savevm' = 'savevm', committed = 0, image: Buffer | null = null;
+  const host: ColoHost = {
+    log: silentLogger, limits: DEFAULT_LIMITS, blocks: new RAMBlockList(), stats: new CheckpointStats(),
+    mainQ: new ByteQueue(), heartbeatTimeoutMs,
+    ended: () => failed.length > 0,
+    setPhase: (p) => { phase = p; },
+    send: (b) => { sent.push(b.readUInt32BE(0)); },
+    pauseMain: () => {}, resumeMain: () => {}, pump: () => {}, beginRecords: () => {}, checkAtRest: () => {},
+    committed: () => committed,
+    commitImage: (i, blob) => { committed = i; image = blob; },
+    commitParticipants: async () => {},
+    counters: () => ({ main: { pages: 0, zeroPages: 0, bytes: 0 }, channels: [] }),
+    fail: (e) => { failed.push(e); },
+    emitCheckpoint: (ev) => { events.push(ev); },
+  };
+  return { host, sent, failed, events, phase: () => phase, image: () => image };
+}
+
+/** Steps like the main channel's pump: until bytes are needed or the commit runs. */
+function run(c: ColoIncoming, f: ReturnType<typeof fakeHost>): 'data' | 'wait' {
+  for (;;) {
+    const p = f.phase();
+    if (p === 'savevm') { c.ramDone(); continue; }   // the RAM part, parsed elsewhere
+    if (p !== 'colo-idle' && p !== 'colo-send' && p !== 'colo-size' && p !== 'colo-blob') return 'wait';
+    const r = c.step(p);
+    if (r !== 'next') return r;
+  }
+}
+
+describe('ColoIncoming', () => {
+  test('runs a checkpoint: REQUEST, VMSTATE_SEND, VMSTATE_SIZE + blob, then commits and sends LOADED', async () => {
+    const f = fakeHost();
+    const c = new ColoIncoming(f.host);
+    c.enter();
+    assert.deepEqual(f.sent, [COLO_MESSAGE_CHECKPOINT_READY]);
+    assert.equal(f.phase(), 'colo-idle');
+    const blob = Buffer.from([1, 2, 3, QEMU_VM_EOF]);
+    const size = Buffer.alloc(8); size.writeUInt32BE(blob.length, 4);
+    f.host.mainQ.push(Buffer.concat([be32(COLO_MESSAGE_CHECKPOINT_REQUEST), be32(COLO_MESSAGE_VMSTATE_SEND), be32(COLO_MESSAGE_VMSTATE_SIZE), size]));
+    assert.equal(run(c, f), 'data');
+    f.host.mainQ.push(blob);
+    assert.equal(run(c, f), 'wait');
+    assert.equal(f.phase(), 'colo-check');
+    assert.deepEqual(f.sent, [COLO_MESSAGE_CHECKPOINT_READY, COLO_MESSAGE_CHECKPOINT_REPLY, COLO_MESSAGE_VMSTATE_RECEIVED]);
+    await c.commitInFlight;
+    assert.equal(c.commitInFlight, null);
+    assert.deepEqual(f.sent.at(-1), COLO_MESSAGE_VMSTATE_LOADED);
+    assert.equal(f.phase(), 'colo-idle');
+    assert.deepEqual(f.image(), Buffer.from([1, 2, 3]));
+    assert.equal(f.host.stats.count, 1);
+    assert.deepEqual(f.events.map((e) => (e as { index: number }).index), [0, 1]);
+    assert.deepEqual(f.failed, []);
+  });
+
+  test('rejects VMSTATE_SEND where CHECKPOINT_REQUEST is expected with ERR_COLO_PROTOCOL', () => {
+    const f = fakeHost();
+    const c = new ColoIncoming(f.host);
+    c.enter();
+    f.host.mainQ.push(be32(COLO_MESSAGE_VMSTATE_SEND));
+    assert.throws(() => run(c, f), (e: unknown) => e instanceof MigrationError && e.code === 'ERR_COLO_PROTOCOL');
+  });
+
+  test('rejects a blob that does not end with QEMU_VM_EOF with ERR_COLO_PROTOCOL', () => {
+    const f = fakeHost();
+    const c = new ColoIncoming(f.host);
+    c.enter();
+    const size = Buffer.alloc(8); size.writeUInt32BE(2, 4);
+    f.host.mainQ.push(Buffer.concat([be32(COLO_MESSAGE_CHECKPOINT_REQUEST), be32(COLO_MESSAGE_VMSTATE_SEND), be32(COLO_MESSAGE_VMSTATE_SIZE), size, Buffer.from([7, 7])]));
+    assert.throws(() => run(c, f), (e: unknown) => e instanceof MigrationError && e.code === 'ERR_COLO_PROTOCOL');
+  });
+
+  test("the 'auto' heartbeat waits HEARTBEAT_AUTO_FIRST_MS until two idle gaps are known; a number is used as given", () => {
+    const f = fakeHost('auto');
+    const c = new ColoIncoming(f.host);
+    assert.equal(c.heartbeatMs, HEARTBEAT_AUTO_FIRST_MS);
+    c.enter();
+    c.stop();
+    assert.equal(new ColoIncoming(fakeHost(1234).host).heartbeatMs, 1234);
+    assert.equal(new ColoIncoming(fakeHost(0).host).heartbeatMs, 0);
+  });
+});
