@@ -73,7 +73,13 @@ export class MultifdSync {
         timer = setTimeout(() => {
           // Learning the channel count waits for a quiet window first: a barrier with no
           // channel at all makes no progress by design until that window has passed.
-          if (this.expected === undefined && performance.now() - Math.max(this.lastAccept, this.#firstBarrierAt) < AUTO_QUIET_MS + io) { arm(); return; }
+          if (this.expected === undefined) {
+            // The settle timer may not have run yet on a busy event loop: learn now if the
+            // window has passed (this may release the barrier and clear this timer's successor).
+            this.check();
+            if (this.#barrier === null || h.ended()) return;
+            if (this.expected === undefined && performance.now() - Math.max(this.lastAccept, this.#firstBarrierAt) < AUTO_QUIET_MS + io) { arm(); return; }
+          }
           const now = progress();
           if (now !== seen) { seen = now; arm(); return; }
           const missing = h.channels.filter((c) => !c.synced).map((c) => c.name);

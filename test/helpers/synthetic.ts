@@ -22,22 +22,30 @@ export function modelImage(model: { readonly blocks: readonly { idstr: string; h
 }
 
 /**
+ * The synthetic source migrates to `port` (the receiver's, or a proxy in front of it): the
+ * migration must complete and the received memory equal the source's.
+ */
+export async function migrateAndVerify(mig: IncomingMigration, port: number, source: Omit<SyntheticSourceOptions, 'port'>): Promise<{ src: SyntheticSource; img: CommittedImage }> {
+  const src = new SyntheticSource({ ...source, port });
+  const res = await src.run();
+  src.close();
+  assert.equal(res.killed, false);
+  const outcome = await mig.done;
+  assert.equal(outcome.kind, 'completed', JSON.stringify(outcome));
+  const img = await mig.committedImage();
+  assert.ok(img);
+  assert.equal(compareImage(img, modelImage(src.model)), null);
+  return { src, img };
+}
+
+/**
  * Precopy from the synthetic source into a fresh receiver; asserts the migration completed
  * and the received memory equals the source's. Returns the finished pieces for more checks.
  */
 export async function precopyRoundTrip(receiver: IncomingOptions, source: Omit<SyntheticSourceOptions, 'port'>): Promise<{ mig: IncomingMigration; src: SyntheticSource; img: CommittedImage }> {
   const r = await startReceiver(receiver);
   try {
-    const src = new SyntheticSource({ ...source, port: r.port });
-    const res = await src.run();
-    src.close();
-    assert.equal(res.killed, false);
-    const outcome = await r.mig.done;
-    assert.equal(outcome.kind, 'completed', JSON.stringify(outcome));
-    const img = await r.mig.committedImage();
-    assert.ok(img);
-    assert.equal(compareImage(img, modelImage(src.model)), null);
-    return { mig: r.mig, src, img };
+    return { mig: r.mig, ...await migrateAndVerify(r.mig, r.port, source) };
   } finally {
     await r.close();
   }

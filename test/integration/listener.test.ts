@@ -10,9 +10,7 @@ import { describe, test } from 'node:test';
 import pino from 'pino';
 import { IncomingMigration } from '../../src/migration/incoming.js';
 import { listenForMigration } from '../../src/net/listener.js';
-import { SyntheticSource } from '../../src/sender/source.js';
-import { compareImage } from '../../src/verify/compare.js';
-import { modelImage } from '../helpers/synthetic.js';
+import { migrateAndVerify } from '../helpers/synthetic.js';
 
 function capturingLogger(): { log: pino.Logger; lines: Record<string, unknown>[] } {
   const lines: Record<string, unknown>[] = [];
@@ -48,17 +46,9 @@ describe('listener: unidentified connections', () => {
         intruder(port, Buffer.from('GET / HTTP/1.1\r\n\r\n', 'latin1'), 3000), // garbage
       ];
       await sleep(50);
-      const src = new SyntheticSource({ port, layout: '7.2', channels: 2, iterations: 2, seed: 5, memory: { ramMiB: 16 } });
       // ... and more while it runs.
       const during = [intruder(port, Buffer.alloc(0), 3000), intruder(port, Buffer.from('QEVM\0\0\0\x02', 'latin1'), 3000)];
-      const res = await src.run();
-      src.close();
-      assert.equal(res.killed, false);
-      const outcome = await mig.done;
-      assert.equal(outcome.kind, 'completed', JSON.stringify(outcome));
-      const img = await mig.committedImage();
-      assert.ok(img);
-      assert.equal(compareImage(img, modelImage(src.model)), null);
+      await migrateAndVerify(mig, port, { layout: '7.2', channels: 2, iterations: 2, seed: 5, memory: { ramMiB: 16 } });
       const results = await Promise.all([...early, ...during]);
       for (const [i, r] of results.entries()) assert.ok(r.closedAfterMs !== null, `intruder ${i} was closed by the receiver`);
       // silence and partial headers wait for the timeout; garbage and a wrong version go at once

@@ -18,7 +18,7 @@ import { imageStream, parseTarget, sendImage } from '../../src/restore/image-str
 import { SyntheticSource } from '../../src/sender/source.js';
 import { compareImage } from '../../src/verify/compare.js';
 import { makePki, type Pki } from '../../src/harness/pki.js';
-import { modelImage } from '../helpers/synthetic.js';
+import { migrateAndVerify, modelImage } from '../helpers/synthetic.js';
 import { capturingLogger, clientOptions, plainAttempt, tlsAttempt, tlsProxy } from '../helpers/tls-clients.js';
 
 let pki: Pki;
@@ -41,15 +41,7 @@ describe('TLS listener (--tls-creds)', { timeout: 180_000 }, () => {
     const r = await tlsReceiver(await loadServerCreds(pki.serverDir, { authz: [pki.clientDn] }), { channels: 4 });
     const proxy = await tlsProxy(r.port, clientOptions(pki.clientDir));
     try {
-      const src = new SyntheticSource({ port: proxy.port, layout: '7.2', channels: 4, iterations: 2, seed: 11, memory: { ramMiB: 32 } });
-      const res = await src.run();
-      src.close();
-      assert.equal(res.killed, false);
-      const outcome = await r.mig.done;
-      assert.equal(outcome.kind, 'completed', JSON.stringify(outcome));
-      const img = await r.mig.committedImage();
-      assert.ok(img);
-      assert.equal(compareImage(img, modelImage(src.model)), null);
+      const { img } = await migrateAndVerify(r.mig, proxy.port, { layout: '7.2', channels: 4, iterations: 2, seed: 11, memory: { ramMiB: 32 } });
       precopyImage = img;
       assert.equal(proxy.sessions(), 5, 'main + 4 multifd channels, each its own TLS session');
       assert.deepEqual(r.refused, []);

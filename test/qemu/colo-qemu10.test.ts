@@ -17,6 +17,7 @@ import { after, describe, test, type TestContext } from 'node:test';
 import {
   ensureGuest, guestShell, qemuBinaryFor, qemuMissing, startColoPrimary, UploadWorkload, type ColoPrimary,
 } from '../../src/harness/index.js';
+import { endColoRun } from '../helpers/colo-run.js';
 import { ReceiverProcess } from '../helpers/receiver-process.js';
 
 const skip = qemuMissing('10.0-colo');
@@ -86,15 +87,7 @@ async function coloRun(t: TestContext, name: string, channels: number, compressi
   await waitMore(primary, 3);
   assert.match(await sh('ls -l /run/zp.bin'), /4194304/);
 
-  await primary.waitCheckpoints(CHECKPOINTS, 180_000, []);
-  assert.equal(recv.child.exitCode, null, `receiver still running (stderr: ${recv.stderr.slice(-1500)})`);
-  assert.equal((await primary.status()).status, 'colo', 'primary still in COLO state');
-  const uploaded = await upload.stop({ waitAcks: false });
-  await primary.kill();
-  const code = await recv.wait(30_000);
-  assert.equal(code, 0, `receiver exit (stderr: ${recv.stderr.slice(-1500)})`);
-  assert.deepEqual(recv.lines.filter((l) => Number(l.level) >= 50), [], 'no error lines from the receiver');
-  assert.doesNotMatch(primary.proc.stderrTail(), /error|failed/i, 'no errors from the primary');
+  const uploaded = await endColoRun(primary, recv, upload, CHECKPOINTS);
   const stats = JSON.parse(await readFile(join(dir, 'stats.json'), 'utf8')) as {
     checkpoints: { count: number; transferMs: Dist; flushMs: Dist; mbPerCheckpoint: Dist }; channels: { pages: number; bytes: number }[];
   };

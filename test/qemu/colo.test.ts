@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test, type TestContext } from 'node:test';
 import { ensureGuest, haveQemu, startColoPrimary, UploadWorkload } from '../../src/harness/index.js';
+import { endColoRun } from '../helpers/colo-run.js';
 import { ReceiverProcess } from '../helpers/receiver-process.js';
 
 const skip = haveQemu() ? false : 'qemu-system-x86_64 not installed (apt-get install qemu-system-x86)';
@@ -34,18 +35,7 @@ async function coloRun(t: TestContext, name: string, channels: number): Promise<
   await primary.waitColo(120_000);
   const upload = new UploadWorkload({ port: primary.uploadPort, rateMBps: 40, fileBytes: 8 << 20, checkpointCount: () => primary.checkpointCount() }).start();
   cleanups.push(() => upload.stop());
-  await primary.waitCheckpoints(CHECKPOINTS, 180_000, []);
-  assert.equal(recv.child.exitCode, null, `receiver still running (stderr: ${recv.stderr.slice(-1500)})`);
-  assert.equal((await primary.status()).status, 'colo', 'primary still in COLO state');
-  const uploaded = await upload.stop({ waitAcks: false });
-  await primary.kill();
-  const code = await recv.wait(30_000);
-  assert.equal(code, 0, `receiver exit (stderr: ${recv.stderr.slice(-1500)})`);
-
-  const errors = recv.lines.filter((l) => Number(l.level) >= 50);
-  assert.deepEqual(errors, [], 'no error lines from the receiver');
-  const primaryErr = primary.proc.stderrTail();
-  assert.doesNotMatch(primaryErr, /error|failed/i, 'no errors from the primary');
+  const uploaded = await endColoRun(primary, recv, upload, CHECKPOINTS);
   const stats = JSON.parse(await readFile(join(dir, 'stats.json'), 'utf8')) as { checkpoints: { count: number; transferMs: Dist; flushMs: Dist; pauseMs: Dist; mbPerCheckpoint: Dist }; committedCheckpoint: number };
   assert.ok(stats.checkpoints.count >= CHECKPOINTS - 1, `committed ${stats.checkpoints.count} checkpoints`);
   const csv = (await readFile(join(dir, 'checkpoints.csv'), 'utf8')).trim().split('\n');
