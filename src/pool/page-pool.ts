@@ -1,8 +1,12 @@
 import { availableParallelism } from 'node:os';
+import { MessageChannel, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import type { DecodeResult, DecodeTask } from '../compression/decoder.js';
 import { MigrationError } from '../errors.js';
-import type { PageTask, WriteTask } from '../memory/page-writer.js';
+import {
+  REC_BITS, REC_CHUNKS, REC_MAX_CHUNKS, REC_NCHUNKS, REC_NORMAL, REC_SLOT_OFFSET, REC_STAGING, REC_STATUS, REC_WORDS,
+  RING_CTL_WORDS, RING_DONE, RING_HEAD, RING_STOP, RING_WAKE, ringBytes, type PageTask, type ServeTask, type WriteTask,
+} from '../memory/page-writer.js';
 
 /**
  * piscina first require()s the worker file and imports it only if that throws. On Node
@@ -20,6 +24,180 @@ export interface PagePoolOptions {
   threads?: number;
   /** Tasks queued beyond the running ones before run() callers should back off. */
   maxQueue?: number;
+  /** Per-worker task rings (default); false: one piscina task per packet, as before. */
+  rings?: boolean;
+}
+
+/** Records per ring; more wait in the ring's queue on this thread (callers bound them anyway). */
+const RING_CAPACITY = 32;
+/** A ring idle this long ends its worker loop, so an unused pool holds no thread busy. */
+const RING_IDLE_MS = 250;
+
+/** ES2024's Atomics.waitAsync (V8 has it since 8.7; the TypeScript lib here predates it). */
+type WaitAsync = (a: Int32Array, index: number, value: number) => { async: false; value: string } | { async: true; value: Promise<string> };
+const waitAsync = (Atomics as unknown as { waitAsync?: WaitAsync }).waitAsync;
+
+interface Entry { task: WriteTask; resolve: (pages: number) => void; reject: (e: unknown) => void }
+
+/**
+ * One worker's task ring (see serveRing): records are published with Atomics stores and a
+ * notify; completion is read from RING_DONE with Atomics.waitAsync, so neither direction
+ * costs a postMessage per packet. A record slot is reused only after its completion was read.
+ */
+class Ring {
+  readonly #sab = new SharedArrayBuffer(ringBytes(RING_CAPACITY));
+  readonly #ctl = new Int32Array(this.#sab);
+  /** Published, in order; the first is the oldest not yet read back. */
+  readonly #pending: Entry[] = [];
+  /** Not yet published: the ring was full, or its loop not running. */
+  readonly #queue: Entry[] = [];
+  #head = 0;
+  #done = 0;
+  #port: MessagePort | null = null;
+  /** uids of the SharedArrayBuffers this ring's worker loop holds. */
+  readonly #sent = new Set<number>();
+  #serving: Promise<unknown> | null = null;
+  #stopping = false;
+  #armed = false;
+  #idle: NodeJS.Timeout | null = null;
+  #closed = false;
+
+  constructor(private readonly pool: Piscina<PageTask, number>, private readonly uidOf: (sab: SharedArrayBuffer) => number) {}
+
+  get load(): number { return this.#pending.length + this.#queue.length; }
+
+  push(e: Entry): void {
+    if (this.#idle) { clearTimeout(this.#idle); this.#idle = null; }
+    this.#queue.push(e);
+    if (this.#serving === null) this.#start();
+    else if (!this.#stopping) this.#publish();
+  }
+
+  /** The pool is closing: nothing is in flight any more (close() waited); ends the loop. */
+  async close(): Promise<void> {
+    this.#closed = true;
+    if (this.#idle) { clearTimeout(this.#idle); this.#idle = null; }
+    this.#stop();
+    await this.#serving?.catch(() => undefined);
+  }
+
+  /** A SharedArrayBuffer's object on this thread was collected: the worker loop forgets it too. */
+  forget(uid: number): void {
+    if (!this.#sent.delete(uid) || !this.#port) return;
+    this.#port.postMessage({ uid, evict: true });
+    Atomics.add(this.#ctl, RING_WAKE, 1);
+    Atomics.notify(this.#ctl, RING_WAKE);
+  }
+
+  #start(): void {
+    const ch = new MessageChannel();
+    this.#port = ch.port1;
+    this.#sent.clear();
+    this.#head = 0;
+    this.#done = 0;
+    this.#stopping = false;
+    Atomics.store(this.#ctl, RING_HEAD, 0);
+    Atomics.store(this.#ctl, RING_DONE, 0);
+    Atomics.store(this.#ctl, RING_STOP, 0);
+    const task: ServeTask = { op: 'serve', ring: this.#sab, port: ch.port2, capacity: RING_CAPACITY };
+    const serving = this.pool.run(task, { transferList: [ch.port2] });
+    this.#serving = serving;
+    serving.then(() => this.#ended(null), (e: unknown) => this.#ended(e));
+    this.#publish();
+  }
+
+  /** The worker loop returned (stopped) or its thread died: what was published fails. */
+  #ended(err: unknown): void {
+    this.#serving = null;
+    this.#armed = false;
+    // Completions the loop stored before it ended are still results (errors' texts on the port).
+    this.#collect(false);
+    this.#port?.close();
+    this.#port = null;
+    const lost = this.#pending.splice(0);
+    for (const e of lost) e.reject(new Error(`page writer thread ended with a write in flight: ${String(err ?? 'stopped')}`, { cause: err }));
+    if (this.#queue.length > 0 && !this.#closed) this.#start();
+    else for (const e of this.#queue.splice(0)) e.reject(new Error('page pool closed'));
+  }
+
+  #stop(): void {
+    if (this.#serving === null || this.#stopping) return;
+    this.#stopping = true;
+    Atomics.store(this.#ctl, RING_STOP, 1);
+    Atomics.add(this.#ctl, RING_WAKE, 1);
+    Atomics.notify(this.#ctl, RING_WAKE);
+  }
+
+  #publish(): void {
+    const ctl = this.#ctl;
+    let n = 0;
+    while (this.#queue.length > 0 && this.#pending.length < RING_CAPACITY) {
+      const e = this.#queue.shift()!;
+      const t = e.task;
+      const r = RING_CTL_WORDS + (this.#head % RING_CAPACITY) * REC_WORDS;
+      ctl[r + REC_STAGING] = this.#send(t.staging);
+      ctl[r + REC_SLOT_OFFSET] = t.slotOffset;
+      ctl[r + REC_NORMAL] = t.normalPages;
+      ctl[r + REC_BITS] = t.mem.chunkSlotBits;
+      const ids = t.mem.ids;
+      ctl[r + REC_NCHUNKS] = ids.length;
+      for (let j = 0; j < ids.length; j++) {
+        ctl[r + REC_CHUNKS + 2 * j] = ids[j]!;
+        ctl[r + REC_CHUNKS + 2 * j + 1] = this.#send(t.mem.chunks[j]!);
+      }
+      ctl[r + REC_STATUS] = 0;
+      this.#pending.push(e);
+      this.#head++;
+      n++;
+    }
+    if (n === 0) return;
+    // The stores above happen-before this one (Atomics are sequentially consistent).
+    Atomics.store(ctl, RING_HEAD, this.#head);
+    Atomics.add(ctl, RING_WAKE, 1);
+    Atomics.notify(ctl, RING_WAKE);
+    this.#arm();
+  }
+
+  #send(sab: SharedArrayBuffer): number {
+    const uid = this.uidOf(sab);
+    if (!this.#sent.has(uid)) {
+      // Queued on the worker's port before the record that names it is published.
+      this.#port!.postMessage({ uid, sab });
+      this.#sent.add(uid);
+    }
+    return uid;
+  }
+
+  #arm(): void {
+    if (this.#armed || this.#pending.length === 0 || this.#serving === null) return;
+    this.#armed = true;
+    const w = waitAsync!(this.#ctl, RING_DONE, this.#done);
+    if (w.async) void w.value.then(() => { this.#armed = false; this.#collect(true); });
+    else queueMicrotask(() => { this.#armed = false; this.#collect(true); });
+  }
+
+  /** Settles every record the worker finished, in order; then publishes what waited. */
+  #collect(more: boolean): void {
+    const ctl = this.#ctl;
+    const done = Atomics.load(ctl, RING_DONE);
+    while (this.#done < done && this.#pending.length > 0) {
+      const e = this.#pending.shift()!;
+      const status = ctl[RING_CTL_WORDS + (this.#done % RING_CAPACITY) * REC_WORDS + REC_STATUS]!;
+      this.#done++;
+      if (status >= 0) e.resolve(status);
+      else {
+        const m = this.#port ? receiveMessageOnPort(this.#port) : undefined;
+        e.reject(new Error(m ? String(m.message) : 'unknown error'));
+      }
+    }
+    if (!more || this.#serving === null) return;
+    if (!this.#stopping) this.#publish();
+    if (this.#pending.length > 0) this.#arm();
+    else if (this.#queue.length === 0 && !this.#idle) {
+      this.#idle = setTimeout(() => { this.#idle = null; if (this.load === 0) this.#stop(); }, RING_IDLE_MS);
+      this.#idle.unref();
+    }
+  }
 }
 
 /**
@@ -30,6 +208,12 @@ export class PagePool {
   readonly threads: number;
   readonly #pool: Piscina<PageTask, number>;
   readonly #inflight = new Set<Promise<number>>();
+  readonly #rings: Ring[] = [];
+  #next = 0;
+  /** SharedArrayBuffers named by number in ring records; a buffer gone here is evicted there. */
+  readonly #uids = new WeakMap<SharedArrayBuffer, number>();
+  #uid = 0;
+  readonly #gone = new FinalizationRegistry<number>((uid) => { for (const r of this.#rings) r.forget(uid); });
 
   constructor(opts: PagePoolOptions = {}) {
     const threads = opts.threads ?? Math.max(1, availableParallelism());
@@ -50,9 +234,38 @@ export class PagePool {
     // piscina reports a worker message that arrives after destroy() as an 'error' event; with
     // no listener that would end the process. Task failures still reach their run() callers.
     this.#pool.on('error', () => undefined);
+    if (opts.rings !== false && typeof waitAsync === 'function') {
+      const uidOf = (sab: SharedArrayBuffer): number => {
+        let uid = this.#uids.get(sab);
+        if (uid === undefined) {
+          uid = ++this.#uid;
+          this.#uids.set(sab, uid);
+          this.#gone.register(sab, uid);
+        }
+        return uid;
+      };
+      for (let k = 0; k < threads; k++) this.#rings.push(new Ring(this.#pool, uidOf));
+    }
   }
 
-  write(task: WriteTask): Promise<number> { return this.#track(this.#pool.run(task)); }
+  /**
+   * Copies one packet's pages; resolves once every byte is in its slot (the staging slot may
+   * be reused then). Rejects with the worker's Error, as a piscina task does: the channel
+   * types it (ERR_WORKER, with its name and the packet's stream offset). Goes to the least loaded
+   * worker's ring (round robin among equals).
+   */
+  write(task: WriteTask): Promise<number> {
+    const rings = this.#rings;
+    if (rings.length === 0 || task.mem.ids.length > REC_MAX_CHUNKS) return this.#track(this.#pool.run(task));
+    let best = rings[this.#next]!;
+    for (let k = 1; k < rings.length; k++) {
+      const r = rings[(this.#next + k) % rings.length]!;
+      if (r.load < best.load) best = r;
+    }
+    this.#next = (this.#next + 1) % rings.length;
+    const ring = best;
+    return this.#track(new Promise<number>((resolve, reject) => ring.push({ task, resolve, reject })));
+  }
 
   #track(run: Promise<number>): Promise<number> {
     this.#inflight.add(run);
@@ -68,6 +281,7 @@ export class PagePool {
    */
   async close(): Promise<void> {
     await Promise.allSettled([...this.#inflight]);
+    await Promise.all(this.#rings.map((r) => r.close()));
     await this.#pool.destroy();
   }
 }
