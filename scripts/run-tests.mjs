@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // Runs the compiled tests under dist/test with node's test runner. Arguments pick suites
 // (unit, property, integration, qemu); default: all. Real-QEMU suites run one file at a time:
-// this machine has 2 cores and a TCG guest needs one of them.
+// this machine has 2 cores and a TCG guest needs one of them; each runs in a process of its
+// own, with its own scratch directory.
 //
 // A real-QEMU test that skips (its QEMU is not installed) is counted and named at the end in
 // a banner that cannot be missed; with COLO_REQUIRE_QEMU=1 (set by .ci/run) a skip fails the
@@ -30,17 +31,29 @@ for (const s of suites) {
   const list = files(join(root, 'dist', 'test', s));
   if (list.length === 0) continue;
   const conc = s === 'qemu' || s === 'integration' ? '1' : '2';
-  const tap = join(tmp, `${s}.tap`);
   console.log(`\n# suite ${s}: ${list.length} file(s)`);
-  const r = spawnSync(process.execPath, ['--test', `--test-concurrency=${conc}`,
-    '--test-reporter=spec', '--test-reporter-destination=stdout', '--test-reporter=tap', `--test-reporter-destination=${tap}`,
-    ...list], { stdio: 'inherit', cwd: root });
-  if (r.status !== 0) failed = true;
-  if (s === 'qemu' && existsSync(tap)) {
-    // "ok 3 - name # SKIP reason": a skipped test, or a describe() skipped as a whole
-    for (const line of readFileSync(tap, 'utf8').split('\n')) {
-      const m = /^\s*ok \d+ - (.*?) # SKIP ?(.*)$/.exec(line);
-      if (m) skipped.push({ name: m[1], why: m[2] || 'skipped' });
+  // Real-QEMU tests write guest-RAM dumps (256-512 MiB a case) under os.tmpdir(): each file
+  // gets a TMPDIR of its own, removed once the file passed (kept, and named, when it failed),
+  // so a full run never holds more than one file's worth of dumps.
+  const batches = s === 'qemu' ? list.map((f) => [f]) : [list];
+  for (const batch of batches) {
+    const tap = join(tmp, `${s}-${batches.indexOf(batch)}.tap`);
+    const scratch = mkdtempSync(join(tmpdir(), `colo-${s}-`));
+    const r = spawnSync(process.execPath, ['--test', `--test-concurrency=${conc}`,
+      '--test-reporter=spec', '--test-reporter-destination=stdout', '--test-reporter=tap', `--test-reporter-destination=${tap}`,
+      ...batch], { stdio: 'inherit', cwd: root, env: { ...process.env, TMPDIR: scratch } });
+    if (r.status !== 0) {
+      failed = true;
+      console.log(`# ${batch.length === 1 ? batch[0] : `suite ${s}`} failed: its scratch files are kept in ${scratch}`);
+    } else {
+      rmSync(scratch, { recursive: true, force: true });
+    }
+    if (s === 'qemu' && existsSync(tap)) {
+      // "ok 3 - name # SKIP reason": a skipped test, or a describe() skipped as a whole
+      for (const line of readFileSync(tap, 'utf8').split('\n')) {
+        const m = /^\s*ok \d+ - (.*?) # SKIP ?(.*)$/.exec(line);
+        if (m) skipped.push({ name: m[1], why: m[2] || 'skipped' });
+      }
     }
   }
 }

@@ -182,7 +182,7 @@ export class IncomingMigration extends EventEmitter {
       setPhase: (p) => { this.#phase = p; },
       send: (b) => { this.#main?.write(b); },
       pauseMain: () => { this.#main?.pause(); },
-      resumeMain: () => { this.#main?.resume(); },
+      resumeMain: () => { this.#resumeMain(); },
       pump: () => this.#pumpMain(),
       beginRecords: () => this.#vm.beginRecords(),
       checkAtRest: (what) => this.#sync.checkAtRest(what),
@@ -272,6 +272,17 @@ export class IncomingMigration extends EventEmitter {
     if (io > 0 && sock.setTimeout) { sock.setTimeout(io); sock.on('timeout', () => this.#ioTimeout(sock, kind)); }
     sock.on('error', (e) => this.#peerEnded(kind, e));
     sock.on('close', () => this.#sockets.delete(sock));
+  }
+
+  /**
+   * Takes the main channel back after we held it (a barrier, a commit, the end of the initial
+   * migration). Its idle timer ran while we held it: re-armed here, or a timeout queued during
+   * the hold would blame the peer for our own wait.
+   */
+  #resumeMain(): void {
+    const io = this.#opts.ioTimeoutMs ?? 0;
+    if (io > 0) this.#main?.setTimeout?.(io);
+    this.#main?.resume();
   }
 
   /** Socket timeout: only an error when the peer stopped in the middle of something. */
@@ -387,7 +398,7 @@ export class IncomingMigration extends EventEmitter {
           if (r === 'blocked') return 'data';
           if (r === 'held') {
             this.#main?.pause();
-            this.#vm.held!.then(() => { this.#main?.resume(); this.#pumpMain(); },
+            this.#vm.held!.then(() => { this.#resumeMain(); this.#pumpMain(); },
               (e: unknown) => this.#endWith(toMigrationError(e, 'main', q.consumed), false));
             return 'wait';
           }
@@ -426,7 +437,7 @@ export class IncomingMigration extends EventEmitter {
     void ioTurn().then(() => (this.#outcome ? undefined : this.#commitParticipants(0))).then(() => {
       if (this.#outcome) return;
       try { this.#finishInitial(); } catch (e) { this.#endWith(toMigrationError(e, 'main', this.#mainQ.consumed), false); return; }
-      this.#main?.resume();
+      this.#resumeMain();
       this.#pumpMain();
     }, (e: unknown) => this.#endWith(toMigrationError(e, 'main', this.#mainQ.consumed), false));
     return 'wait';
