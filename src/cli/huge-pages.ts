@@ -43,9 +43,11 @@ export function hugePagesDecision(argv: string[], env: NodeJS.ProcessEnv = proce
 /** In the re-executed process: what to log once the logger exists. */
 export function hugePagesState(argv: string[], env: NodeJS.ProcessEnv = process.env): Record<string, unknown> {
   if (env[MARK] !== undefined) return { hugePages: true, thp: env[MARK], tunables: env.GLIBC_TUNABLES };
-  if (argv.includes('--no-huge-pages')) return { hugePages: false, why: '--no-huge-pages' };
-  if ((env.GLIBC_TUNABLES ?? '').includes('glibc.malloc.hugetlb')) return { hugePages: 'as GLIBC_TUNABLES says', tunables: env.GLIBC_TUNABLES };
-  return { hugePages: false, thp: thpMode() };
+  // Not re-executed: the decision's own reason says why (one place holds the rules).
+  const d = hugePagesDecision(argv, env);
+  if (d.reexec) return { hugePages: false, thp: d.thp };
+  if (d.why.startsWith('GLIBC_TUNABLES')) return { hugePages: 'as GLIBC_TUNABLES says', tunables: env.GLIBC_TUNABLES };
+  return { hugePages: false, why: d.why };
 }
 
 /** Runs this CLI again with the tunable; resolves with its exit code. */
