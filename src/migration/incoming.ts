@@ -301,7 +301,7 @@ export class IncomingMigration extends EventEmitter {
       return;
     }
     const ch = this.channels.find((c) => this.#channelSock.get(c) === sock);
-    if (ch && ch.waitingForPeer) this.#endWith(wireError('ERR_TIMEOUT', `${ch.name}: no data for ${ms} ms inside a packet`, ch.name, ch.q.consumed), true);
+    if (ch && ch.waitingForPeer && !ch.blocked) this.#endWith(wireError('ERR_TIMEOUT', `${ch.name}: no data for ${ms} ms inside a packet`, ch.name, ch.q.consumed), true);
     else sock.setTimeout?.(ms);
     void kind;
   }
@@ -533,7 +533,8 @@ export class IncomingMigration extends EventEmitter {
       if (this.#sync.waiting) queueMicrotask(() => this.#sync.check()); },
     onBlocked: (ch, blocked) => {
       const sock = this.#channelSock.get(ch)!;
-      if (blocked) sock.pause(); else sock.resume();
+      // The idle timer ran while we held the channel: re-armed on resume, as for the main channel.
+      if (blocked) sock.pause(); else { const io = this.#opts.ioTimeoutMs ?? 0; if (io > 0) sock.setTimeout?.(io); sock.resume(); }
     },
     // A packet cut by the peer's EOF is the primary going away, not bad input.
     onError: (err, ch) => this.#endWith(err, ch.ended && err.code === 'ERR_TRUNCATED'),
