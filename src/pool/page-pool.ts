@@ -26,12 +26,21 @@ export interface PagePoolOptions {
   maxQueue?: number;
   /** Per-worker task rings (default); false: one piscina task per packet, as before. */
   rings?: boolean;
+  /** A ring idle this long ends its worker loop (default RING_IDLE_MS). */
+  ringIdleMs?: number;
 }
 
 /** Records per ring; more wait in the ring's queue on this thread (callers bound them anyway). */
 const RING_CAPACITY = 32;
-/** A ring idle this long ends its worker loop, so an unused pool holds no thread busy. */
-const RING_IDLE_MS = 250;
+/**
+ * A ring idle this long ends its worker loop, so a pool nobody closes holds no thread for ever.
+ * It must outlast the checkpoint interval (QEMU's x-checkpoint-delay: 200 ms to its 20 s
+ * default): a loop that ended is restarted by the next packet with a piscina task and every
+ * SharedArrayBuffer sent again, which with 250 ms here cost every idle 600 ms checkpoint with
+ * multifd ~9 ms (transfer 14.5 ms vs 5.6 plain, bench/results/2026-12-06-final-7.2-idle.md).
+ * A sleeping loop costs nothing: the worker waits in Atomics.wait.
+ */
+export const RING_IDLE_MS = 60_000;
 
 /** ES2024's Atomics.waitAsync (V8 has it since 8.7; the TypeScript lib here predates it). */
 type WaitAsync = (a: Int32Array, index: number, value: number) => { async: false; value: string } | { async: true; value: Promise<string> };
@@ -62,7 +71,11 @@ class Ring {
   #idle: NodeJS.Timeout | null = null;
   #closed = false;
 
-  constructor(private readonly pool: Piscina<PageTask, number>, private readonly uidOf: (sab: SharedArrayBuffer) => number) {}
+  constructor(
+    private readonly pool: Piscina<PageTask, number>,
+    private readonly uidOf: (sab: SharedArrayBuffer) => number,
+    private readonly idleMs: number,
+  ) {}
 
   get load(): number { return this.#pending.length + this.#queue.length; }
 
@@ -194,7 +207,7 @@ class Ring {
     if (!this.#stopping) this.#publish();
     if (this.#pending.length > 0) this.#arm();
     else if (this.#queue.length === 0 && !this.#idle) {
-      this.#idle = setTimeout(() => { this.#idle = null; if (this.load === 0) this.#stop(); }, RING_IDLE_MS);
+      this.#idle = setTimeout(() => { this.#idle = null; if (this.load === 0) this.#stop(); }, this.idleMs);
       this.#idle.unref();
     }
   }
@@ -244,7 +257,8 @@ export class PagePool {
         }
         return uid;
       };
-      for (let k = 0; k < threads; k++) this.#rings.push(new Ring(this.#pool, uidOf));
+      const idleMs = opts.ringIdleMs ?? RING_IDLE_MS;
+      for (let k = 0; k < threads; k++) this.#rings.push(new Ring(this.#pool, uidOf, idleMs));
     }
   }
 

@@ -26,7 +26,8 @@ function packet(slab: Slab, staging: SharedArrayBuffer, at: number, slots: numbe
 for (const rings of [true, false]) {
   describe(`PagePool (${rings ? 'task rings' : 'one piscina task per packet'})`, () => {
     let pool: PagePool;
-    before(() => { pool = new PagePool({ threads: 2, rings }); });
+    // A short idle stop, so the restart below is exercised (the default outlasts any checkpoint interval).
+    before(() => { pool = new PagePool({ threads: 2, rings, ringIdleMs: 250 }); });
     after(() => pool.close());
 
     test('many packets in flight from several stagings, pages scattered over many chunks, every byte lands', async () => {
