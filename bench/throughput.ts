@@ -88,7 +88,7 @@ async function replay(port: number, files: string[]): Promise<void> {
   await once(child, 'exit');
 }
 
-interface Run { seconds: number; bytes: number; pages: number; multifdPages: number; mainCpuMs: number }
+interface Run { seconds: number; bytes: number; pages: number; multifdPages: number; directPages: number; mainCpuMs: number }
 
 /** CPU time of this process's main thread (the receiver's parser and dispatcher), ns. */
 function mainThreadNs(): number {
@@ -106,10 +106,10 @@ async function runReceiver(files: string[], channels: number): Promise<Run> {
   const mainCpuMs = (mainThreadNs() - cpu0) / 1e6;
   await child;
   server.close();
-  const s = mig.summary() as { bytes: number; pages: number; zeroPages: number; channels: { pages: number }[] };
+  const s = mig.summary() as { bytes: number; pages: number; zeroPages: number; channels: { pages: number; directPages?: number }[] };
   await mig.pool.close();
   if (outcome.kind !== 'completed') throw new Error(`receiver: ${JSON.stringify(outcome)}`);
-  return { seconds, bytes: s.bytes, pages: s.pages + s.zeroPages, multifdPages: s.channels.slice(1).reduce((a, c) => a + c.pages, 0), mainCpuMs };
+  return { seconds, bytes: s.bytes, pages: s.pages + s.zeroPages, multifdPages: s.channels.slice(1).reduce((a, c) => a + c.pages, 0), directPages: s.channels.slice(1).reduce((a, c) => a + (c.directPages ?? 0), 0), mainCpuMs };
 }
 
 /** The ceiling: the same connections, every chunk copied into a SharedArrayBuffer, nothing parsed. */
@@ -239,8 +239,8 @@ console.log(`# bench:throughput — node ${process.version}, ${availableParallel
 const comp = compression !== 'none';
 rows.push(comp
   ? '| channels | stream MB | pages MB | receiver GB/s (wire) | ceiling GB/s | loopback pages MB/s | loopback per decoding thread MB/s | decode path MB/s/core | raw library MB/s/core | decode path / raw | loopback per thread / raw |'
-  : '| channels | stream MB | receiver GB/s | pages/s | ceiling GB/s | receiver / ceiling | main-thread CPU ms/MB |',
-comp ? '|---|---|---|---|---|---|---|---|---|---|---|' : '|---|---|---|---|---|---|---|');
+  : '| channels | stream MB | receiver GB/s | pages/s | ceiling GB/s | receiver / ceiling | main-thread CPU ms/MB | multifd pages read straight into their slots |',
+comp ? '|---|---|---|---|---|---|---|---|---|---|---|' : '|---|---|---|---|---|---|---|---|');
 for (const ch of channelList) {
   const streams = await capture(ch);
   const files: string[] = [];
@@ -265,8 +265,10 @@ for (const ch of channelList) {
     results.push({ channels: ch, streamBytes: total, multifdPageBytes: pagesMB * 1e6, receiverSeconds: rec.map((r) => r.seconds), ceilingSeconds: ceil, gbPerSec: gbs, ceilingGbPerSec: cgbs, pagesMBPerSec: mbps, decodingThreads: threads, perThreadMBPerSec: perThread, decodePathMBPerSec: path, rawDecodeMBPerSec: raw, decodePathToRaw: path / raw, perThreadToRaw: perThread / raw });
   } else {
     const cpuPerMB = median(rec.map((r) => r.mainCpuMs)) / (total / 1e6);
-    rows.push(`| ${ch} | ${(total / 1e6).toFixed(0)} | ${gbs.toFixed(2)} | ${(pps / 1e6).toFixed(2)} M | ${cgbs.toFixed(2)} | ${(gbs / cgbs).toFixed(2)} | ${cpuPerMB.toFixed(3)} |`);
-    results.push({ channels: ch, streamBytes: total, receiverSeconds: rec.map((r) => r.seconds), ceilingSeconds: ceil, gbPerSec: gbs, pagesPerSec: pps, ceilingGbPerSec: cgbs, ratio: gbs / cgbs, mainCpuMsPerMB: cpuPerMB, mainCpuMs: rec.map((r) => r.mainCpuMs) });
+    const mfd = rec[0]!.multifdPages;
+    const direct = mfd > 0 ? `${(100 * rec[0]!.directPages / mfd).toFixed(0)} %` : '–';
+    rows.push(`| ${ch} | ${(total / 1e6).toFixed(0)} | ${gbs.toFixed(2)} | ${(pps / 1e6).toFixed(2)} M | ${cgbs.toFixed(2)} | ${(gbs / cgbs).toFixed(2)} | ${cpuPerMB.toFixed(3)} | ${direct} |`);
+    results.push({ channels: ch, streamBytes: total, receiverSeconds: rec.map((r) => r.seconds), ceilingSeconds: ceil, gbPerSec: gbs, pagesPerSec: pps, ceilingGbPerSec: cgbs, ratio: gbs / cgbs, mainCpuMsPerMB: cpuPerMB, mainCpuMs: rec.map((r) => r.mainCpuMs), multifdPages: mfd, directPages: rec[0]!.directPages });
   }
   console.log(rows[rows.length - 1]);
 }

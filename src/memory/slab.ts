@@ -35,12 +35,15 @@ export class Slab {
   readonly chunks: (SharedArrayBuffer | null)[] = [];
   readonly views: (Uint8Array | null)[] = [];
   /**
-   * Per chunk: a stack of slots freed after use, how many are on it, and how many slots
-   * were never handed out (taken front to back, so a new chunk costs no setup loop).
+   * Per chunk: a bitmap of free slots (bit set = free), how many are free, and the first word
+   * that may have one. Allocation takes the lowest free slot, so a packet's pages get
+   * ascending, mostly consecutive slots even after commits punched holes: a run the kernel
+   * can read a payload straight into (src/migration/multifd-channel.ts). A stack of freed
+   * slots would hand them out in descending order.
    */
   readonly #free: (Int32Array | null)[] = [];
   readonly #nfree: number[] = [];
-  readonly #fresh: number[] = [];
+  readonly #cursor: number[] = [];
   /** No chunk below this one has a free slot. */
   #lowest = 0;
   #live = 0;
@@ -71,12 +74,16 @@ export class Slab {
       const c = this.#lowest;
       if (c >= this.chunks.length || this.chunks[c] === null) this.#addChunk(c);
       if (this.#nfree[c]! > 0) {
+        const bits = this.#free[c]!;
+        let w = this.#cursor[c]!;
+        while (bits[w] === 0) w++;
+        const word = bits[w]!;
+        const b = 31 - Math.clz32(word & -word);
+        bits[w] = word & ~(1 << b);
+        this.#cursor[c] = w;
+        this.#nfree[c]!--;
         this.#used++;
-        return this.#free[c]![--this.#nfree[c]!]!;
-      }
-      if (this.#fresh[c]! > 0) {
-        this.#used++;
-        return c * this.chunkSlots + this.chunkSlots - this.#fresh[c]!--;
+        return c * this.chunkSlots + w * 32 + b;
       }
       this.#lowest++;
     }
@@ -84,7 +91,13 @@ export class Slab {
 
   free(slot: number): void {
     const c = slot >>> this.chunkSlotBits;
-    this.#free[c]![this.#nfree[c]!++] = slot;
+    const i = slot & (this.chunkSlots - 1);
+    const bits = this.#free[c]!;
+    const w = i >>> 5, m = 1 << (i & 31);
+    if ((bits[w]! & m) !== 0) throw new Error(`slab: slot ${slot} freed twice`);
+    bits[w] = bits[w]! | m;
+    this.#nfree[c]!++;
+    if (w < this.#cursor[c]!) this.#cursor[c] = w;
     this.#used--;
     if (c < this.#lowest) this.#lowest = c;
   }
@@ -103,12 +116,13 @@ export class Slab {
       throw new MigrationError('ERR_LIMIT', `memory: ${this.#live} chunks of ${this.chunkBytes >> 20} MiB in use, another would exceed --max-memory ${this.maxChunks * this.chunkBytes} bytes`);
     }
     const sab = new SharedArrayBuffer(this.chunkBytes);
-    while (this.chunks.length <= c) { this.chunks.push(null); this.views.push(null); this.#free.push(null); this.#nfree.push(0); this.#fresh.push(0); }
+    while (this.chunks.length <= c) { this.chunks.push(null); this.views.push(null); this.#free.push(null); this.#nfree.push(0); this.#cursor.push(0); }
     this.chunks[c] = sab;
     this.views[c] = new Uint8Array(sab);
-    this.#free[c] = new Int32Array(this.chunkSlots);
-    this.#nfree[c] = 0;
-    this.#fresh[c] = this.chunkSlots;
+    // Test guests use chunks of 16 slots: half a word.
+    this.#free[c] = this.chunkSlots >= 32 ? new Int32Array(this.chunkSlots >>> 5).fill(-1) : Int32Array.of((1 << this.chunkSlots) - 1);
+    this.#nfree[c] = this.chunkSlots;
+    this.#cursor[c] = 0;
     this.#live++;
     if (this.#live > this.peakChunks) this.peakChunks = this.#live;
   }
@@ -121,18 +135,18 @@ export class Slab {
   trim(reserveSlots: number): number {
     let n = 0;
     for (let c = this.chunks.length - 1; c >= 0; c--) {
-      if (this.chunks[c] === null || this.#nfree[c]! + this.#fresh[c]! !== this.chunkSlots) continue;
+      if (this.chunks[c] === null || this.#nfree[c]! !== this.chunkSlots) continue;
       if (this.freeSlots - this.chunkSlots < reserveSlots) break;
       this.chunks[c] = null;
       this.views[c] = null;
       this.#free[c] = null;
       this.#nfree[c] = 0;
-      this.#fresh[c] = 0;
+      this.#cursor[c] = 0;
       this.#live--;
       n++;
     }
     while (this.chunks.length > 0 && this.chunks[this.chunks.length - 1] === null) {
-      this.chunks.pop(); this.views.pop(); this.#free.pop(); this.#nfree.pop(); this.#fresh.pop();
+      this.chunks.pop(); this.views.pop(); this.#free.pop(); this.#nfree.pop(); this.#cursor.pop();
     }
     if (this.#lowest > this.chunks.length) this.#lowest = this.chunks.length;
     return n;

@@ -18,6 +18,7 @@ import { WRITE_BOTH, WRITE_CACHE, WRITE_GUEST, type WriteMode, type WriteTask } 
 import { RAMBlockList, type RAMBlock } from '../memory/ram-block.js';
 import { chunkSlotBitsFor, Slab } from '../memory/slab.js';
 import { adoptForDirectRead } from '../net/direct-read.js';
+import { QueueReader } from '../wire/queue-reader.js';
 import { DecoderThread, PagePool } from '../pool/page-pool.js';
 import { ByteQueue } from '../wire/byte-queue.js';
 import { MIG_CMD_ENABLE_COLO, MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, MIG_RP_MSG_PONG, MIG_RP_MSG_SHUT } from '../wire/constants.js';
@@ -203,8 +204,17 @@ export class IncomingMigration extends EventEmitter {
     if (this.#main || this.#outcome) return false;   // a second migration is refused, never merged
     this.#main = sock;
     this.#startedAt = performance.now();
+    // A plain TCP socket reads into reused memory (QueueReader); TLS keeps the 'data' path.
+    const reader = new QueueReader(this.#mainQ, () => this.#pumpMain(), () => this.#ram.alignHint);
+    const direct = adoptForDirectRead(sock, reader);
+    if (direct) {
+      sock = direct.sock;
+      this.#main = sock;
+      for (const b of direct.buffered) first = Buffer.concat([first, b]);
+    } else {
+      sock.on('data', (c: Buffer) => { this.#mainQ.push(c); this.#pumpMain(); });
+    }
     this.#track(sock, 'main');
-    sock.on('data', (c: Buffer) => { this.#mainQ.push(c); this.#pumpMain(); });
     sock.on('end', () => { this.#mainEnded = true; this.#pumpMain(); });
     this.#mainQ.push(first);
     this.#pumpMain();
@@ -233,6 +243,7 @@ export class IncomingMigration extends EventEmitter {
     // A plain TCP socket reads payloads straight into the channel's staging slots.
     const direct = adoptForDirectRead(sock, ch);
     if (direct) {
+      ch.useDirectReads();
       sock = direct.sock;
       first = direct.buffered.length > 0 ? Buffer.concat([first, ...direct.buffered]) : first;
     }
@@ -680,7 +691,7 @@ export class IncomingMigration extends EventEmitter {
       zeroPages,
       channels: [
         { channel: 'main', bytes: mainBytes, pages: this.#ram.pages, zeroPages: this.#ram.zeroPages },
-        ...chans.map((c) => ({ channel: c.name, bytes: c.bytes, pages: c.pages, zeroPages: c.zeroPages, packets: c.packets, syncs: c.syncs })),
+        ...chans.map((c) => ({ channel: c.name, bytes: c.bytes, pages: c.pages, zeroPages: c.zeroPages, packets: c.packets, syncs: c.syncs, directPages: c.directPages })),
       ],
       blocks: this.blocks.blocks.map((b) => ({ idstr: b.idstr, usedLength: b.usedLength })),
       memory: this.memoryStats(),

@@ -34,14 +34,28 @@ export interface ChannelSink {
 const EMPTY = new Uint8Array(0);
 /** A read that is not a header or a direct payload: Node's own read size. */
 const SIDE_READ_BYTES = 64 * 1024;
+/** QEMU's page_count is at most 128 (MULTIFD_PAGES_PER_PACKET); room for a 1 MiB packet. */
+const MAX_PACKET_PAGES = SLOT_PAYLOAD_BYTES / TARGET_PAGE_SIZE;
+/**
+ * A payload is read straight into its page slots when they form at most this many runs per
+ * 8 pages (each run is one read: a run of one page would be a syscall per page). The slab
+ * hands out ascending slots, so a packet is usually one or two runs.
+ */
+const DIRECT_PAGES_PER_RUN = 8;
 
-const St = { Init: 0, Header: 1, WaitSlot: 2, Payload: 3, AtSync: 4, Failed: 5, Ended: 6 } as const;
+/** `COLO_DIRECT_PAGES=0`: every payload through a staging slot and a page writer (to compare). */
+const directPagesDefault = (): boolean => process.env.COLO_DIRECT_PAGES !== '0';
+
+const St = { Init: 0, Header: 1, WaitSlot: 2, Payload: 3, AtSync: 4, Failed: 5, Ended: 6, Direct: 7 } as const;
 type St = (typeof St)[keyof typeof St];
 
 /**
  * One multifd connection (the receive side of multifd_recv_thread): MultiFDInit_t, then
- * packets. Parsing stays on the main thread; each packet's payload is copied once from the
- * socket chunks into a SharedArrayBuffer staging slot and handed to a page writer as one task.
+ * packets. Parsing stays on the main thread. A payload whose page slots are consecutive
+ * runs is read by the kernel straight into them (what QEMU's readv into guest pages does):
+ * no copy in user space at all. Otherwise (scattered slots, compressed streams, sockets
+ * without direct reads) it lands in a SharedArrayBuffer staging slot and a page writer
+ * (or the channel's decoder thread) copies it to its slots.
  * After a SYNC packet the channel parks until the main channel's barrier releases it.
  */
 export class MultiFDChannel {
@@ -72,9 +86,26 @@ export class MultiFDChannel {
   pagesSinceRelease = 0;
   /** packet_num of the SYNC packet this channel last parked at (-1: none yet). */
   syncNum = -1;
+  /** Pages read by the kernel straight into their slots (no staging, no page writer). */
+  directPages = 0;
+
+  /** Slots of the current packet's normal pages, before it is known where its payload goes. */
+  readonly #placed = new Uint32Array(MAX_PACKET_PAGES);
+  #isPlaced = false;
+  /** Direct payload: runs of consecutive slots, the one being filled, and bytes into it. */
+  readonly #runView: Uint8Array[] = [];
+  readonly #runAt = new Float64Array(MAX_PACKET_PAGES);
+  readonly #runLen = new Float64Array(MAX_PACKET_PAGES);
+  #runs = 0;
+  #run = 0;
+  #runOff = 0;
+  /** The socket reads where readTarget() says (set by the owner once it adopted the socket). */
+  #directReads = false;
+  readonly #directPages: boolean;
 
   constructor(private readonly sink: ChannelSink, private readonly compression: Compression,
-              private readonly limits: Limits, slots = 4) {
+              private readonly limits: Limits, slots = 4, directPages = directPagesDefault()) {
+    this.#directPages = directPages;
     this.staging = new SharedArrayBuffer(slots * SLOT_BYTES);
     this.#slotIndex = new Uint32Array(this.staging);
     this.#slotBytes = new Uint8Array(this.staging);
@@ -95,7 +126,7 @@ export class MultiFDChannel {
    * peer stalled. Parked at a SYNC or waiting for a staging slot, the channel waits on us.
    */
   get waitingForPeer(): boolean {
-    return this.#state === St.Init || (this.#state === St.Header && this.q.length > 0) || this.#state === St.Payload;
+    return this.#state === St.Init || (this.#state === St.Header && this.q.length > 0) || this.#state === St.Payload || this.#state === St.Direct;
   }
 
   /** The socket should stay paused (no slot, or parked at SYNC). */
@@ -120,7 +151,16 @@ export class MultiFDChannel {
    * channel waits for a slot or holds queued bytes) is read into a small buffer sized to
    * what the parser still needs, so a header read never runs into the payload.
    */
+  /** The socket was adopted for direct reads: payloads may go straight into page slots. */
+  useDirectReads(): void { this.#directReads = true; }
+
   readTarget(): Uint8Array {
+    if (this.#state === St.Direct && this.q.length === 0 && this.#run < this.#runs) {
+      const at = this.#runAt[this.#run]! + this.#runOff;
+      this.#readDirect = true;
+      this.#readBuf = this.#runView[this.#run]!.subarray(at, at + this.#runLen[this.#run]! - this.#runOff);
+      return this.#readBuf;
+    }
     const p = this.#pkt;
     if (this.#state === St.Payload && p && this.q.length === 0 && this.#payloadLeft > 0) {
       const at = this.#slot + SLOT_INDEX_BYTES + p.payloadLen - this.#payloadLeft;
@@ -140,7 +180,8 @@ export class MultiFDChannel {
     if (this.#state === St.Failed) return;
     if (!this.#readDirect) { this.push(Buffer.from(this.#readBuf.buffer, this.#readBuf.byteOffset, n)); return; }
     this.q.consumedElsewhere(n);
-    this.#payloadLeft -= n;
+    if (this.#state === St.Direct) this.#advanceRun(n);
+    else this.#payloadLeft -= n;
     this.directBytes += n;
     this.#pump();
   }
@@ -232,7 +273,7 @@ export class MultiFDChannel {
               }
             }
             this.#block = block;
-            this.#state = St.WaitSlot;
+            this.#state = this.#tryDirect(p, block) ? St.Direct : St.WaitSlot;
           } else {
             this.#afterPacket();
           }
@@ -243,14 +284,16 @@ export class MultiFDChannel {
           // An uncompressed packet of zero pages only has nothing for a worker: the table
           // entries are the whole write. (A compressed one still continues its stream.)
           if (p.normalPages === 0 && p.payloadLen === 0 && this.compression === 'none') {
-            this.#placePages(p, this.#block!, -1);
+            this.#placePages(p, this.#block!, this.#placed, 0);
             this.#afterPacket();
             break;
           }
           const slot = this.#free.pop();
           if (slot === undefined) return this.#setBlocked(true);
           this.#slot = slot;
-          this.#placePages(p, this.#block!, slot);
+          if (this.#isPlaced) this.#slotIndex.set(this.#placed.subarray(0, p.normalPages), slot / 4);
+          else this.#placePages(p, this.#block!, this.#slotIndex, slot / 4);
+          this.#isPlaced = false;
           this.#payloadLeft = p.payloadLen;
           this.#state = St.Payload;
           break;
@@ -264,6 +307,21 @@ export class MultiFDChannel {
           }
           if (this.#payloadLeft > 0) return this.#setBlocked(false);
           this.#dispatch(p, this.#block!, this.#slot);
+          this.#afterPacket();
+          break;
+        }
+        case St.Direct: {
+          // Bytes queued before the payload began (a read that ran past the header) are
+          // copied here; the rest arrives by direct reads into the runs.
+          while (q.length > 0 && this.#run < this.#runs) {
+            const r = this.#run;
+            const n = Math.min(this.#runLen[r]! - this.#runOff, q.length);
+            q.copyInto(this.#runView[r]!, this.#runAt[r]! + this.#runOff, n);
+            this.#advanceRun(n);
+          }
+          if (this.#run < this.#runs) return this.#setBlocked(false);
+          this.directPages += this.#pkt!.normalPages;
+          this.#runView.length = 0;
           this.#afterPacket();
           break;
         }
@@ -281,17 +339,54 @@ export class MultiFDChannel {
    * worker), table entries for the zero pages. Allocation is integer work on this thread, so
    * workers never contend for it; ERR_LIMIT (--max-memory) surfaces here as a channel error.
    */
-  #placePages(p: MultiFDPacket, block: RAMBlock, slot: number): void {
+  #placePages(p: MultiFDPacket, block: RAMBlock, into: Uint32Array, idx: number): void {
     const mode = this.sink.writeMode();
-    const idx = slot / 4;
     if (this.sink.discardPages) {
       // no table to fill: a decoder must not allocate the guest's RAM to read a capture
-    } else for (let k = 0; k < p.normalPages; k++) this.#slotIndex[idx + k] = block.slotFor(p.offsets[k]! / TARGET_PAGE_SIZE, mode);
+    } else for (let k = 0; k < p.normalPages; k++) into[idx + k] = block.slotFor(p.offsets[k]! / TARGET_PAGE_SIZE, mode);
     if (!this.sink.discardPages) for (let k = p.normalPages; k < p.normalPages + p.zeroPages; k++) block.zeroPage(p.offsets[k]! / TARGET_PAGE_SIZE, mode);
     this.pages += p.normalPages;
     this.zeroPages += p.zeroPages;
     this.pagesSinceRelease += p.normalPages + p.zeroPages;
     this.bytes += p.payloadLen;
+  }
+
+  /**
+   * Places the packet's pages, and when their slots are few runs of consecutive slots, sets
+   * the payload to be read straight into them. Placing first is safe either way: slotFor is
+   * idempotent within a checkpoint, and a packet that falls back keeps its slots.
+   */
+  #tryDirect(p: MultiFDPacket, block: RAMBlock): boolean {
+    this.#isPlaced = false;
+    if (!this.#directReads || !this.#directPages || this.compression !== 'none' || this.sink.discardPages || p.normalPages === 0) return false;
+    const slots = this.#placed;
+    this.#placePages(p, block, slots, 0);
+    this.#isPlaced = true;
+    const slab = block.slab;
+    const bits = slab.chunkSlotBits;
+    const maxRuns = Math.max(2, Math.floor(p.normalPages / DIRECT_PAGES_PER_RUN));
+    let runs = 0;
+    for (let k = 0; k < p.normalPages;) {
+      const first = slots[k]!;
+      let n = 1;
+      while (k + n < p.normalPages && slots[k + n] === first + n && (first + n) >>> bits === first >>> bits) n++;
+      if (runs === maxRuns) { this.#runView.length = 0; return false; }
+      this.#runView[runs] = slab.view(first);
+      this.#runAt[runs] = slab.offset(first);
+      this.#runLen[runs] = n * TARGET_PAGE_SIZE;
+      runs++;
+      k += n;
+    }
+    this.#runs = runs;
+    this.#run = 0;
+    this.#runOff = 0;
+    this.#isPlaced = false;
+    return true;
+  }
+
+  #advanceRun(n: number): void {
+    this.#runOff += n;
+    if (this.#runOff === this.#runLen[this.#run]) { this.#run++; this.#runOff = 0; }
   }
 
   #dispatch(p: MultiFDPacket, block: RAMBlock, slot: number): void {

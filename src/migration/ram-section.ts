@@ -208,6 +208,16 @@ export class RamSectionParser {
     this.#state = RamState.Record;
   }
 
+  /**
+   * Where the next stream byte should sit modulo 8 for the page bytes after it to be 8-byte
+   * aligned (src/wire/queue-reader.ts): inside a page, its offset in the page; between
+   * records, 0 (a CONTINUE record's 8-byte header, then the page). Records that carry a block
+   * name or a zero page shift it; the next read realigns.
+   */
+  get alignHint(): number {
+    return this.#state === RamState.Page ? (TARGET_PAGE_SIZE - this.#pageLeft) & 7 : 0;
+  }
+
   /** True when the parser sits between records (EOF here is clean). */
   get idle(): boolean { return this.#state === RamState.Record; }
 }
