@@ -65,15 +65,17 @@ export class RAMBlock {
    * The slot a normal page goes to (main thread, at dispatch). Before COLO state the page
    * is written in place into its committed slot (precopy may resend a page); in COLO state
    * into the checkpoint's pending slot (a page sent twice reuses it), marked dirty.
+   * `fresh`: a slot the caller allocated for it (one of a run), used if the page needs one;
+   * the caller sees it was taken when it is returned.
    */
-  slotFor(page: number, mode: WriteMode): number {
+  slotFor(page: number, mode: WriteMode, fresh = -1): number {
     if (mode !== WRITE_CACHE || !this.pending) {
       let s = this.committed[page]!;
-      if (s < 0) { s = this.slab.alloc(); this.committed[page] = s; }
+      if (s < 0) { s = fresh >= 0 ? fresh : this.slab.alloc(); this.committed[page] = s; }
       return s;
     }
     let s = this.pending[page]!;
-    if (s < 0) { s = this.slab.alloc(); this.pending[page] = s; }
+    if (s < 0) { s = fresh >= 0 ? fresh : this.slab.alloc(); this.pending[page] = s; }
     this.dirty!.mark(page);
     return s;
   }

@@ -44,6 +44,8 @@ export class Slab {
   readonly #free: (Int32Array | null)[] = [];
   readonly #nfree: number[] = [];
   readonly #cursor: number[] = [];
+  /** A chunk has no run of this many free slots (Infinity: unknown); reset by free(). */
+  readonly #noRun: number[] = [];
   /** No chunk below this one has a free slot. */
   #lowest = 0;
   #live = 0;
@@ -89,6 +91,42 @@ export class Slab {
     }
   }
 
+  /**
+   * n consecutive free slots in one existing chunk, lowest first (their first slot), or -1:
+   * then the caller takes single slots, which fill the holes. A new chunk is never added for
+   * a run, so memory still follows the data. A multifd packet's payload is read by the
+   * kernel straight into such a run (src/migration/multifd-channel.ts).
+   */
+  allocRun(n: number): number {
+    if (n < 2 || n > this.chunkSlots) return -1;
+    for (let c = this.#lowest; c < this.chunks.length; c++) {
+      if (this.chunks[c] === null || this.#nfree[c]! < n || this.#noRun[c]! <= n) continue;
+      const bits = this.#free[c]!;
+      let start = -1, len = 0;
+      for (let w = this.#cursor[c]!; w < bits.length && len < n; w++) {
+        const word = bits[w]!;
+        if (word === -1 && (this.chunkSlots >= 32)) {
+          if (len === 0) start = w * 32;
+          len += 32;
+          continue;
+        }
+        for (let b = 0; b < 32 && len < n; b++) {
+          if ((word >>> b) & 1) { if (len === 0) start = w * 32 + b; len++; }
+          else len = 0;
+        }
+      }
+      if (len < n) { this.#noRun[c] = n; continue; }
+      for (let i = start; i < start + n; i++) {
+        const w = i >>> 5;
+        bits[w] = bits[w]! & ~(1 << (i & 31));
+      }
+      this.#nfree[c]! -= n;
+      this.#used += n;
+      return c * this.chunkSlots + start;
+    }
+    return -1;
+  }
+
   free(slot: number): void {
     const c = slot >>> this.chunkSlotBits;
     const i = slot & (this.chunkSlots - 1);
@@ -98,6 +136,7 @@ export class Slab {
     bits[w] = bits[w]! | m;
     this.#nfree[c]!++;
     if (w < this.#cursor[c]!) this.#cursor[c] = w;
+    this.#noRun[c] = Infinity;
     this.#used--;
     if (c < this.#lowest) this.#lowest = c;
   }
@@ -116,13 +155,14 @@ export class Slab {
       throw new MigrationError('ERR_LIMIT', `memory: ${this.#live} chunks of ${this.chunkBytes >> 20} MiB in use, another would exceed --max-memory ${this.maxChunks * this.chunkBytes} bytes`);
     }
     const sab = new SharedArrayBuffer(this.chunkBytes);
-    while (this.chunks.length <= c) { this.chunks.push(null); this.views.push(null); this.#free.push(null); this.#nfree.push(0); this.#cursor.push(0); }
+    while (this.chunks.length <= c) { this.chunks.push(null); this.views.push(null); this.#free.push(null); this.#nfree.push(0); this.#cursor.push(0); this.#noRun.push(Infinity); }
     this.chunks[c] = sab;
     this.views[c] = new Uint8Array(sab);
     // Test guests use chunks of 16 slots: half a word.
     this.#free[c] = this.chunkSlots >= 32 ? new Int32Array(this.chunkSlots >>> 5).fill(-1) : Int32Array.of((1 << this.chunkSlots) - 1);
     this.#nfree[c] = this.chunkSlots;
     this.#cursor[c] = 0;
+    this.#noRun[c] = Infinity;
     this.#live++;
     if (this.#live > this.peakChunks) this.peakChunks = this.#live;
   }
@@ -146,7 +186,7 @@ export class Slab {
       n++;
     }
     while (this.chunks.length > 0 && this.chunks[this.chunks.length - 1] === null) {
-      this.chunks.pop(); this.views.pop(); this.#free.pop(); this.#nfree.pop(); this.#cursor.pop();
+      this.chunks.pop(); this.views.pop(); this.#free.pop(); this.#nfree.pop(); this.#cursor.pop(); this.#noRun.pop();
     }
     if (this.#lowest > this.chunks.length) this.#lowest = this.chunks.length;
     return n;

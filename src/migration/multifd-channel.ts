@@ -343,7 +343,28 @@ export class MultiFDChannel {
     const mode = this.sink.writeMode();
     if (this.sink.discardPages) {
       // no table to fill: a decoder must not allocate the guest's RAM to read a capture
-    } else for (let k = 0; k < p.normalPages; k++) into[idx + k] = block.slotFor(p.offsets[k]! / TARGET_PAGE_SIZE, mode);
+    } else {
+      // Runs of free slots (the longest there are, down to 8 pages), so the payload can be
+      // read straight into them; single slots (filling holes) when there are none.
+      const n = p.normalPages, slab = block.slab;
+      const runs = this.#directReads && this.#directPages && this.compression === 'none';
+      for (let k = 0; k < n;) {
+        let want = n - k, next = -1;
+        if (runs) while (want >= DIRECT_PAGES_PER_RUN && (next = slab.allocRun(want)) < 0) want >>= 1;
+        if (next < 0) {
+          for (; k < n; k++) into[idx + k] = block.slotFor(p.offsets[k]! / TARGET_PAGE_SIZE, mode);
+          break;
+        }
+        const end = next + want;
+        for (; k < n && next < end; k++) {
+          const s = block.slotFor(p.offsets[k]! / TARGET_PAGE_SIZE, mode, next);
+          into[idx + k] = s;
+          if (s === next) next++;
+        }
+        // Pages that already had a slot in this checkpoint left part of the run unused.
+        for (; next < end; next++) slab.free(next);
+      }
+    }
     if (!this.sink.discardPages) for (let k = p.normalPages; k < p.normalPages + p.zeroPages; k++) block.zeroPage(p.offsets[k]! / TARGET_PAGE_SIZE, mode);
     this.pages += p.normalPages;
     this.zeroPages += p.zeroPages;

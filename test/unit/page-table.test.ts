@@ -153,3 +153,42 @@ describe('slab', () => {
     assert.notEqual(a.committed[0], b.committed[0]);
   });
 });
+
+describe('slab allocation', () => {
+  test('single slots come lowest first and ascending, holes first', () => {
+    const slab = new Slab({ chunkSlotBits: 6 });
+    const a = Array.from({ length: 10 }, () => slab.alloc());
+    assert.deepEqual(a, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    slab.free(7); slab.free(3); slab.free(4);
+    assert.deepEqual([slab.alloc(), slab.alloc(), slab.alloc(), slab.alloc()], [3, 4, 7, 10]);
+    assert.throws(() => { slab.free(5); slab.free(5); }, /freed twice/);
+  });
+
+  test('allocRun: the lowest run of n free slots inside one existing chunk, never a new chunk', () => {
+    const slab = new Slab({ chunkSlotBits: 6 });   // 64 slots per chunk
+    for (let i = 0; i < 64; i++) slab.alloc();
+    assert.equal(slab.liveChunks, 1);
+    assert.equal(slab.allocRun(4), -1, 'a full chunk has no run, and no chunk is added for one');
+    assert.equal(slab.liveChunks, 1);
+    for (const s of [10, 11, 20, 21, 22, 23, 24, 40, 41, 42, 43, 44, 45]) slab.free(s);
+    assert.equal(slab.allocRun(5), 20);
+    assert.equal(slab.allocRun(5), 40);
+    assert.equal(slab.allocRun(2), 10);
+    assert.equal(slab.allocRun(2), -1, 'one slot (45) left');
+    assert.equal(slab.alloc(), 45);
+    assert.equal(slab.usedSlots, 64);
+    // a run across a chunk boundary is two chunks' memory: never handed out as one
+    slab.alloc();                                  // adds chunk 1 (slot 64)
+    slab.free(63); slab.free(62);
+    assert.equal(slab.allocRun(4), 65);
+    assert.equal(slab.allocRun(2), 62);
+  });
+
+  test('allocRun of 16-slot test chunks (half a bitmap word)', () => {
+    const slab = new Slab({ chunkSlotBits: 4 });
+    slab.alloc();
+    assert.equal(slab.allocRun(15), 1);
+    assert.equal(slab.allocRun(2), -1);
+    assert.equal(slab.usedSlots, 16);
+  });
+});
