@@ -76,7 +76,7 @@ export class RAMBlock {
     }
     let s = this.pending[page]!;
     if (s < 0) { s = fresh >= 0 ? fresh : this.slab.alloc(); this.pending[page] = s; }
-    this.dirty!.mark(page);
+    this.dirty!.record(page);
     return s;
   }
 
@@ -91,7 +91,7 @@ export class RAMBlock {
     // An earlier copy of this page may still be on a worker: its slot is reused only later.
     if (s >= 0) this.slab.deferFree(s);
     this.pending[page] = ZERO;
-    this.dirty!.mark(page);
+    this.dirty!.record(page);
   }
 
   /** colo_flush_ram_cache() by table: every dirty page's committed entry takes its pending one. */

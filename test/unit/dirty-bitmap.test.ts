@@ -89,3 +89,17 @@ describe('DirtyBitmap', () => {
     assert.equal(new Set([...seen, ...second.pages]).size, 4, 'no page reported twice');
   });
 });
+
+describe('DirtyBitmap.record (gathered per word)', () => {
+  test('every recorded page is seen by test, count and drain, across words and out of order', () => {
+    const bm = DirtyBitmap.alloc(200);
+    for (const p of [3, 4, 31, 32, 33, 199, 5, 64]) bm.record(p);
+    assert.ok(bm.test(199));
+    bm.record(100);
+    assert.equal(bm.count(), 9);
+    bm.record(7);
+    const { pages } = drained(bm);
+    assert.deepEqual(pages, [3, 4, 5, 7, 31, 32, 33, 64, 100, 199]);
+    assert.equal(bm.count(), 0);
+  });
+});
