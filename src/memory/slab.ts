@@ -102,18 +102,23 @@ export class Slab {
     for (let c = this.#lowest; c < this.chunks.length; c++) {
       if (this.chunks[c] === null || this.#nfree[c]! < n || this.#noRun[c]! <= n) continue;
       const bits = this.#free[c]!;
+      // Word at a time (bit set = free): a run continues through a word's low free bits and
+      // restarts at its high ones; a run of n <= 32 may also sit inside one word.
       let start = -1, len = 0;
       for (let w = this.#cursor[c]!; w < bits.length && len < n; w++) {
-        const word = bits[w]!;
-        if (word === -1 && (this.chunkSlots >= 32)) {
-          if (len === 0) start = w * 32;
-          len += 32;
-          continue;
+        const x = bits[w]!;
+        if (x === -1) { if (len === 0) start = w * 32; len += 32; continue; }
+        const low = x === 0 ? 0 : 31 - Math.clz32(~x & (x + 1));   // trailing free bits
+        if (len > 0 && len + low >= n) { len += low; break; }
+        if (n <= 32 && x !== 0) {
+          let m = x;
+          for (let k = 1; k < n;) { const step = Math.min(k, n - k); m &= m >>> step; k += step; }
+          // >>> shifts in zeros, so m marks starts of n free bits wholly inside the word
+          if (m !== 0) { start = w * 32 + (31 - Math.clz32(m & -m)); len = n; break; }
         }
-        for (let b = 0; b < 32 && len < n; b++) {
-          if ((word >>> b) & 1) { if (len === 0) start = w * 32 + b; len++; }
-          else len = 0;
-        }
+        const high = Math.clz32(~x);                                   // leading free bits
+        len = high;
+        start = w * 32 + 32 - high;
       }
       if (len < n) { this.#noRun[c] = n; continue; }
       for (let i = start; i < start + n; i++) {

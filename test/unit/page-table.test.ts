@@ -184,6 +184,31 @@ describe('slab allocation', () => {
     assert.equal(slab.allocRun(2), 62);
   });
 
+  test('allocRun finds what a bit-by-bit search finds (random fragmentation, run sizes 2..200)', () => {
+    let seed = 12345;
+    const rnd = (k: number): number => { seed = (seed * 1103515245 + 12345) >>> 0; return seed % k; };
+    for (let round = 0; round < 40; round++) {
+      const slab = new Slab({ chunkSlotBits: 8 });   // 256 slots per chunk
+      const used = new Set<number>();
+      for (let i = 0; i < 512; i++) used.add(slab.alloc());
+      for (let i = 0; i < 200; i++) { const s = rnd(512); if (used.delete(s)) slab.free(s); }
+      for (let q = 0; q < 20; q++) {
+        const n = 2 + rnd(round % 2 ? 40 : 200);
+        let expect = -1;
+        for (let c = 0; c < 2 && expect < 0; c++) {
+          for (let st = c * 256; st + n <= (c + 1) * 256; st++) {
+            let ok = true;
+            for (let i = st; i < st + n; i++) if (used.has(i)) { ok = false; break; }
+            if (ok) { expect = st; break; }
+          }
+        }
+        const got = slab.allocRun(n);
+        assert.equal(got, expect, `round ${round}, run of ${n}`);
+        if (got >= 0) for (let i = got; i < got + n; i++) used.add(i);
+      }
+    }
+  });
+
   test('allocRun of 16-slot test chunks (half a bitmap word)', () => {
     const slab = new Slab({ chunkSlotBits: 4 });
     slab.alloc();
