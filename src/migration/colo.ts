@@ -225,6 +225,7 @@ export class ColoIncoming {
     // After the reply: giving chunks back is not on the primary's clock.
     const trimmed = slab.trim(this.#reserveSlots());
     if (trimmed > 0) h.log.debug({ chunks: trimmed, bytes: slab.bytes }, 'slab chunks returned');
+    this.#prefault(cur.index);
     h.log.info(h.stats.logLine(cur), 'checkpoint');
     h.emitCheckpoint({ index: cur.index, initial: false, record: cur });
   }
@@ -252,6 +253,20 @@ export class ColoIncoming {
       cur.zeroPages += c.zeroPages - b.zeroPages;
       cur.channelBytes.push(c.bytes - b.bytes);
     });
+  }
+
+  /**
+   * Maps the reserve of free slots before the next checkpoint needs them (Slab.prefaultStep),
+   * in 2 MiB slices on later turns of the event loop, so a CHECKPOINT_REQUEST arriving
+   * meanwhile waits for one slice at most; a checkpoint that began stops it.
+   */
+  #prefault(index: number): void {
+    const h = this.host, slab = h.blocks.slab, reserve = this.#reserveSlots();
+    const step = (): void => {
+      if (h.ended() || this.#cur !== null && this.#cur.index !== index) return;
+      if (slab.prefaultStep(reserve)) setImmediate(step);
+    };
+    setImmediate(step);
   }
 
   /** Dirty pages of the last checkpoints: what the slab keeps free for the next one. */

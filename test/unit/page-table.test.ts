@@ -217,3 +217,21 @@ describe('slab allocation', () => {
     assert.equal(slab.usedSlots, 16);
   });
 });
+
+describe('slab prefault', () => {
+  test('maps never-used slots up to the reserve, adds a chunk only when none has any, respects --max-memory', () => {
+    const slab = new Slab({ chunkSlotBits: 6, maxBytes: 2 * 64 * P });   // 2 chunks of 64 slots
+    for (let i = 0; i < 10; i++) slab.alloc();
+    assert.equal(slab.mappedFreeSlots, 0);
+    assert.equal(slab.prefaultStep(20, 16), true);
+    assert.equal(slab.mappedFreeSlots, 16);
+    assert.equal(slab.prefaultStep(20, 16), false);
+    assert.equal(slab.mappedFreeSlots, 32);
+    assert.equal(slab.liveChunks, 1);
+    assert.deepEqual([slab.alloc(), slab.alloc()], [10, 11], 'allocation is unchanged: lowest first');
+    while (slab.prefaultStep(100, 64)) { /* until the cap */ }
+    assert.equal(slab.liveChunks, 2, 'a second chunk, not a third (max-memory)');
+    assert.equal(slab.mappedFreeSlots, 128 - 12);
+    assert.equal(slab.prefaultStep(1000), false);
+  });
+});
