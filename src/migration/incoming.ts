@@ -506,6 +506,7 @@ export class IncomingMigration extends EventEmitter {
     return {
       slabBytes: slab.bytes, peakSlabBytes: slab.peakChunks * slab.chunkBytes, usedSlots: slab.usedSlots,
       committedSlots: this.blocks.blocks.reduce((n, b) => n + b.committedSlots, 0), chunkBytes: slab.chunkBytes,
+      chunksAdded: slab.chunksAdded, chunksReleased: slab.chunksReleased, prefaultedBytes: slab.prefaultedSlots * 4096,
       ...procMemory(),
     };
   }
