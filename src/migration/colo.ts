@@ -256,12 +256,16 @@ export class ColoIncoming {
   }
 
   /**
-   * Maps the reserve of free slots before the next checkpoint needs them (Slab.prefaultStep),
+   * Maps free slots before the next checkpoint needs them (Slab.prefaultStep),
    * in 2 MiB slices on later turns of the event loop, so a CHECKPOINT_REQUEST arriving
    * meanwhile waits for one slice at most; a checkpoint that began stops it.
    */
   #prefault(index: number): void {
-    const h = this.host, slab = h.blocks.slab, reserve = this.#reserveSlots();
+    // The next checkpoint takes a new slot per dirty page (the old ones are freed only at its
+    // commit): the largest recent checkpoint and a quarter more. The 2x reserve trim keeps is
+    // there to avoid giving chunks back and forth; mapping all of it cost ~80 MiB of VmHWM.
+    const h = this.host, slab = h.blocks.slab;
+    const reserve = Math.ceil(1.25 * Math.max(0, ...this.#recentDirty));
     const step = (): void => {
       if (h.ended() || this.#cur !== null && this.#cur.index !== index) return;
       if (slab.prefaultStep(reserve)) setImmediate(step);
