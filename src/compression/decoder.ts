@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { MigrationError, type MigrationErrorCode } from '../errors.js';
 import { SLOT_INDEX_BYTES } from '../memory/page-writer.js';
-import { SlotMemory, type SlotChunks } from '../memory/slab.js';
+import { slotRunLength, SlotMemory, type SlotChunks } from '../memory/slab.js';
 import { TARGET_PAGE_SIZE } from '../wire/constants.js';
 import { Z_SYNC_FLUSH, ZlibStream } from './zlib-stream.js';
 import { zstd, ZSTD_WINDOWLOG_MAX } from './zstd.js';
@@ -130,8 +130,7 @@ export class ChannelDecoder {
     // buffer is still nothing but the packet's own slots.
     for (let k = 0; k < normalPages;) {
       const first = indexes[k]!;
-      let n = 1;
-      while (k + n < normalPages && indexes[k + n] === first + n && into.chunkOf(first + n) === into.chunkOf(first)) n++;
+      const n = slotRunLength(indexes, k, normalPages, into.chunkSlotBits);
       const view = into.view(first), runAt = into.offset(first);
       const runEnd = runAt + n * TARGET_PAGE_SIZE;
       assert(runEnd <= view.length, 'page index outside the block (the channel validates offsets)');

@@ -1,6 +1,6 @@
 import { receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import { TARGET_PAGE_SIZE } from '../wire/constants.js';
-import { SlotMemory, type SlotChunks } from './slab.js';
+import { slotRunLength, SlotMemory, type SlotChunks } from './slab.js';
 
 /**
  * Where a page goes (spec §5.6–5.7, the seed patch "multifd: Add COLO support"):
@@ -74,18 +74,17 @@ export const ringBytes = (capacity: number): number => 4 * (RING_CTL_WORDS + cap
 
 /** The pages a worker can reach: chunk views named by uid in a record, for writePages. */
 class RecordMemory {
-  bits = 0;
+  chunkSlotBits = 0;
   mask = 0;
   n = 0;
   readonly ids = new Int32Array(REC_MAX_CHUNKS);
   readonly views: Uint8Array[] = [];
   view(slot: number): Uint8Array {
-    const c = slot >>> this.bits;
+    const c = slot >>> this.chunkSlotBits;
     for (let j = 0; j < this.n; j++) if (this.ids[j] === c) return this.views[j]!;
     throw new Error(`slot ${slot} is not in the task's chunks`);
   }
   offset(slot: number): number { return (slot & this.mask) * TARGET_PAGE_SIZE; }
-  chunkOf(slot: number): number { return slot >>> this.bits; }
 }
 
 /**
@@ -125,8 +124,8 @@ export function serveRing(t: ServeTask): number {
       const staging = buf(ctl[r + REC_STAGING]!);
       const at = ctl[r + REC_SLOT_OFFSET]!;
       const normal = ctl[r + REC_NORMAL]!;
-      mem.bits = ctl[r + REC_BITS]!;
-      mem.mask = (1 << mem.bits) - 1;
+      mem.chunkSlotBits = ctl[r + REC_BITS]!;
+      mem.mask = (1 << mem.chunkSlotBits) - 1;
       mem.n = ctl[r + REC_NCHUNKS]!;
       for (let j = 0; j < mem.n; j++) {
         mem.ids[j] = ctl[r + REC_CHUNKS + 2 * j]!;
@@ -154,11 +153,10 @@ export function serveRing(t: ServeTask): number {
  * of one chunk (the usual case: the main thread hands a packet consecutive free slots) are
  * one copy. Returns pages written.
  */
-export function writePages(mem: Pick<SlotMemory, 'view' | 'offset' | 'chunkOf'>, slots: Uint32Array, normalPages: number, src: Uint8Array): number {
+export function writePages(mem: Pick<SlotMemory, 'view' | 'offset' | 'chunkSlotBits'>, slots: Uint32Array, normalPages: number, src: Uint8Array): number {
   for (let k = 0; k < normalPages;) {
     const first = slots[k]!;
-    let n = 1;
-    while (k + n < normalPages && slots[k + n] === first + n && mem.chunkOf(first + n) === mem.chunkOf(first)) n++;
+    const n = slotRunLength(slots, k, normalPages, mem.chunkSlotBits);
     const at = k * TARGET_PAGE_SIZE;
     mem.view(first).set(src.subarray(at, at + n * TARGET_PAGE_SIZE), mem.offset(first));
     k += n;

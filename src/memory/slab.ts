@@ -283,13 +283,26 @@ export function chunksFor(slab: Slab, slots: Uint32Array | number[], n: number):
   return { chunkSlotBits: slab.chunkSlotBits, ids, chunks };
 }
 
+/**
+ * Pages from slots[k] on whose slots are consecutive and in one chunk (at most n - k): one
+ * copy for a page writer, one socket read for a direct payload.
+ */
+export function slotRunLength(slots: ArrayLike<number>, k: number, n: number, chunkSlotBits: number): number {
+  const first = slots[k]!;
+  let len = 1;
+  while (k + len < n && slots[k + len] === first + len && (first + len) >>> chunkSlotBits === first >>> chunkSlotBits) len++;
+  return len;
+}
+
 /** Worker side: byte views of a task's chunks, indexed by slot. */
 export class SlotMemory {
   readonly #bits: number;
   readonly #mask: number;
   readonly #ids: number[];
   readonly #views: Uint8Array[];
+  readonly chunkSlotBits: number;
   constructor(c: SlotChunks) {
+    this.chunkSlotBits = c.chunkSlotBits;
     this.#bits = c.chunkSlotBits;
     this.#mask = (1 << c.chunkSlotBits) - 1;
     this.#ids = c.ids;
@@ -303,5 +316,4 @@ export class SlotMemory {
     throw new Error(`slot ${slot} is not in the task's chunks`);
   }
   offset(slot: number): number { return (slot & this.#mask) * TARGET_PAGE_SIZE; }
-  chunkOf(slot: number): number { return slot >>> this.#bits; }
 }

@@ -265,7 +265,7 @@ export class ColoIncoming {
     // commit): the largest recent checkpoint and a quarter more. The 2x reserve trim keeps is
     // there to avoid giving chunks back and forth; mapping all of it cost ~80 MiB of VmHWM.
     const h = this.host, slab = h.blocks.slab;
-    const reserve = Math.ceil(1.25 * Math.max(0, ...this.#recentDirty));
+    const reserve = Math.ceil(1.25 * this.#largestRecentDirty());
     const step = (): void => {
       if (h.ended() || this.#cur !== null && this.#cur.index !== index) return;
       if (slab.prefaultStep(reserve)) setImmediate(step);
@@ -279,9 +279,10 @@ export class ColoIncoming {
     this.#recentDirty.push(pages);
     if (this.#recentDirty.length > 16) this.#recentDirty.shift();
   }
+  #largestRecentDirty(): number { return Math.max(0, ...this.#recentDirty); }
   /** Free slots kept after a commit: twice the largest recent checkpoint, at least one chunk. */
   #reserveSlots(): number {
-    return Math.max(this.host.blocks.slab.chunkSlots, 2 * Math.max(0, ...this.#recentDirty));
+    return Math.max(this.host.blocks.slab.chunkSlots, 2 * this.#largestRecentDirty());
   }
 
   // ---------------------------------------------------------------- heartbeat

@@ -21,7 +21,7 @@ import { adoptForDirectRead } from '../net/direct-read.js';
 import { QueueReader } from '../wire/queue-reader.js';
 import { DecoderThread, PagePool } from '../pool/page-pool.js';
 import { ByteQueue } from '../wire/byte-queue.js';
-import { MIG_CMD_ENABLE_COLO, MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, MIG_RP_MSG_PONG, MIG_RP_MSG_SHUT } from '../wire/constants.js';
+import { MIG_CMD_ENABLE_COLO, MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, MIG_RP_MSG_PONG, MIG_RP_MSG_SHUT, TARGET_PAGE_SIZE } from '../wire/constants.js';
 import { be32 } from '../wire/reader.js';
 import { CheckpointStats } from './checkpoint-stats.js';
 import { ColoIncoming, ioTurn, type ColoPhase } from './colo.js';
@@ -210,7 +210,7 @@ export class IncomingMigration extends EventEmitter {
     if (direct) {
       sock = direct.sock;
       this.#main = sock;
-      for (const b of direct.buffered) first = Buffer.concat([first, b]);
+      first = direct.buffered.length > 0 ? Buffer.concat([first, ...direct.buffered]) : first;
     } else {
       sock.on('data', (c: Buffer) => { this.#mainQ.push(c); this.#pumpMain(); });
     }
@@ -506,7 +506,7 @@ export class IncomingMigration extends EventEmitter {
     return {
       slabBytes: slab.bytes, peakSlabBytes: slab.peakChunks * slab.chunkBytes, usedSlots: slab.usedSlots,
       committedSlots: this.blocks.blocks.reduce((n, b) => n + b.committedSlots, 0), chunkBytes: slab.chunkBytes,
-      chunksAdded: slab.chunksAdded, chunksReleased: slab.chunksReleased, prefaultedBytes: slab.prefaultedSlots * 4096,
+      chunksAdded: slab.chunksAdded, chunksReleased: slab.chunksReleased, prefaultedBytes: slab.prefaultedSlots * TARGET_PAGE_SIZE,
       ...procMemory(),
     };
   }

@@ -1,7 +1,7 @@
 import { MigrationError, wireError } from '../errors.js';
 import { SLOT_BYTES, SLOT_INDEX_BYTES, SLOT_PAYLOAD_BYTES, type WriteMode, type WriteTask } from '../memory/page-writer.js';
 import type { RAMBlock } from '../memory/ram-block.js';
-import { chunksFor } from '../memory/slab.js';
+import { chunksFor, slotRunLength } from '../memory/slab.js';
 import { ByteQueue } from '../wire/byte-queue.js';
 import {
   MULTIFD_FLAG_SYNC, MULTIFD_INIT_LEN, MULTIFD_PACKET_COMMON_HEADER_LEN, MULTIFD_PACKET_HEADER_LEN, TARGET_PAGE_SIZE,
@@ -142,18 +142,18 @@ export class MultiFDChannel {
 
   #readBuf: Uint8Array = EMPTY;
   #readDirect = false;
-  /** Payload bytes that a socket read put straight into a staging slot. */
+  /** Payload bytes that a socket read put straight into their page slots or a staging slot. */
   directBytes = 0;
 
+  /** The socket was adopted for direct reads: payloads may go straight into page slots. */
+  useDirectReads(): void { this.#directReads = true; }
+
   /**
-   * A packet's payload goes straight into its staging slot, once the queue is empty (bytes
+   * A packet's payload goes straight into its page slots (St.Direct) or its staging slot, once the queue is empty (bytes
    * must not overtake queued ones). Anything else (handshake, header, or payload while the
    * channel waits for a slot or holds queued bytes) is read into a small buffer sized to
    * what the parser still needs, so a header read never runs into the payload.
    */
-  /** The socket was adopted for direct reads: payloads may go straight into page slots. */
-  useDirectReads(): void { this.#directReads = true; }
-
   readTarget(): Uint8Array {
     if (this.#state === St.Direct && this.q.length === 0 && this.#run < this.#runs) {
       const at = this.#runAt[this.#run]! + this.#runOff;
@@ -384,13 +384,11 @@ export class MultiFDChannel {
     this.#placePages(p, block, slots, 0);
     this.#isPlaced = true;
     const slab = block.slab;
-    const bits = slab.chunkSlotBits;
     const maxRuns = Math.max(2, Math.floor(p.normalPages / DIRECT_PAGES_PER_RUN));
     let runs = 0;
     for (let k = 0; k < p.normalPages;) {
       const first = slots[k]!;
-      let n = 1;
-      while (k + n < p.normalPages && slots[k + n] === first + n && (first + n) >>> bits === first >>> bits) n++;
+      const n = slotRunLength(slots, k, p.normalPages, slab.chunkSlotBits);
       if (runs === maxRuns) { this.#runView.length = 0; return false; }
       this.#runView[runs] = slab.view(first);
       this.#runAt[runs] = slab.offset(first);
