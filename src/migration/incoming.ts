@@ -9,6 +9,8 @@ import type { Duplex } from 'node:stream';
  */
 export type Transport = Duplex & { setNoDelay?: (b: boolean) => unknown; setTimeout?: (ms: number, cb?: () => void) => unknown };
 type Socket = Transport;
+/** A channel's connection: a Transport, or a multifd socket read by its own thread. */
+type Conn = Transport | ThreadedSocket;
 import { performance } from 'node:perf_hooks';
 import type { DecodeTask } from '../compression/decoder.js';
 import { MigrationError, toMigrationError, wireError } from '../errors.js';
@@ -18,6 +20,7 @@ import { WRITE_BOTH, WRITE_CACHE, WRITE_GUEST, type WriteMode, type WriteTask } 
 import { RAMBlockList, type RAMBlock } from '../memory/ram-block.js';
 import { chunkSlotBitsFor, Slab } from '../memory/slab.js';
 import { adoptForDirectRead } from '../net/direct-read.js';
+import { adoptForThreadedRead, type ThreadedSocket } from '../net/threaded-read.js';
 import { QueueReader } from '../wire/queue-reader.js';
 import { DecoderThread, PagePool } from '../pool/page-pool.js';
 import { ByteQueue } from '../wire/byte-queue.js';
@@ -133,8 +136,8 @@ export class IncomingMigration extends EventEmitter {
   #resolveDone!: (o: Outcome) => void;
   #startedAt = 0;
   #endedAt = 0;
-  #sockets = new Set<Socket>();
-  readonly #channelSock = new Map<MultiFDChannel, Socket>();
+  #sockets = new Set<Conn>();
+  readonly #channelSock = new Map<MultiFDChannel, Conn>();
   readonly #overLimit = new Set<number>();   // indexes in `channels` past limits.maxChannels
   readonly #ownPool: boolean;
   /** Compressed channels: each has its own decoder thread and counts its packets (spec §2.10). */
@@ -240,17 +243,19 @@ export class IncomingMigration extends EventEmitter {
     const ch = new MultiFDChannel(this.#channelSink, this.#opts.compression ?? 'none', this.limits, this.#opts.slotsPerChannel ?? 4);
     this.channels.push(ch);
     sync.lastAccept = performance.now();
-    // A plain TCP socket reads payloads straight into the channel's staging slots.
-    const direct = adoptForDirectRead(sock, ch);
+    // A plain TCP socket is read by its own thread (QEMU's multifd_recv_thread), or on this
+    // one; either way payloads go straight into their page slots or the staging slots.
+    const direct = adoptForThreadedRead(sock, ch) ?? adoptForDirectRead(sock, ch);
+    let conn: Conn = sock;
     if (direct) {
       ch.useDirectReads();
-      sock = direct.sock;
+      conn = direct.sock;
       first = direct.buffered.length > 0 ? Buffer.concat([first, ...direct.buffered]) : first;
     }
-    this.#channelSock.set(ch, sock);
-    this.#track(sock, 'multifd');
+    this.#channelSock.set(ch, conn);
+    this.#track(conn, 'multifd');
     if (!direct) sock.on('data', (c: Buffer) => ch.push(c));
-    sock.on('end', () => {
+    conn.on('end', () => {
       ch.end();
       // In COLO the channels stay open for the whole session (spec §5.7): an EOF is the primary
       // going away. In precopy a channel may close once its last SYNC is in.
@@ -261,7 +266,7 @@ export class IncomingMigration extends EventEmitter {
     ch.push(first);
     // Handed over paused: resume unless the first bytes already blocked the channel (its own
     // pause must not be undone, or the socket would buffer without bound).
-    if (!ch.blocked && !ch.failed) sock.resume();
+    if (!ch.blocked && !ch.failed) conn.resume();
     return true;
   }
 
@@ -274,7 +279,7 @@ export class IncomingMigration extends EventEmitter {
     if (this.#main === null && !this.#outcome) this.#endWith(err, false);
   }
 
-  #track(sock: Socket, kind: string): void {
+  #track(sock: Conn, kind: string): void {
     this.#sockets.add(sock);
     sock.setNoDelay?.(true);
     const io = this.#opts.ioTimeoutMs ?? 0;
@@ -297,7 +302,7 @@ export class IncomingMigration extends EventEmitter {
   }
 
   /** Socket timeout: only an error when the peer stopped in the middle of something. */
-  #ioTimeout(sock: Socket, kind: string): void {
+  #ioTimeout(sock: Conn, kind: string): void {
     if (this.#outcome) return;
     const ms = this.#opts.ioTimeoutMs ?? 0;
     if (sock === this.#main) {

@@ -142,6 +142,7 @@ export class MultiFDChannel {
 
   #readBuf: Uint8Array = EMPTY;
   #readDirect = false;
+  #readExact = false;
   /** Payload bytes that a socket read put straight into their page slots or a staging slot. */
   directBytes = 0;
 
@@ -158,6 +159,7 @@ export class MultiFDChannel {
     if (this.#state === St.Direct && this.q.length === 0 && this.#run < this.#runs) {
       const at = this.#runAt[this.#run]! + this.#runOff;
       this.#readDirect = true;
+      this.#readExact = true;
       this.#readBuf = this.#runView[this.#run]!.subarray(at, at + this.#runLen[this.#run]! - this.#runOff);
       return this.#readBuf;
     }
@@ -165,6 +167,7 @@ export class MultiFDChannel {
     if (this.#state === St.Payload && p && this.q.length === 0 && this.#payloadLeft > 0) {
       const at = this.#slot + SLOT_INDEX_BYTES + p.payloadLen - this.#payloadLeft;
       this.#readDirect = true;
+      this.#readExact = true;
       this.#readBuf = this.#slotBytes.subarray(at, at + this.#payloadLeft);
       return this.#readBuf;
     }
@@ -172,9 +175,14 @@ export class MultiFDChannel {
     if (this.#state === St.Init) need = MULTIFD_INIT_LEN - this.q.length;
     else if (this.#state === St.Header) need = MULTIFD_PACKET_HEADER_LEN - this.q.length;
     this.#readDirect = false;
+    // Not exact: a device-state packet (10.0+) is refused after its first 12 bytes, as QEMU does.
+    this.#readExact = false;
     this.#readBuf = Buffer.allocUnsafe(need > 0 ? need : SIDE_READ_BYTES);
     return this.#readBuf;
   }
+
+  /** The last target is a payload run or slot: nothing in it is usable until it is full. */
+  readExact(): boolean { return this.#readExact; }
 
   onDirectRead(n: number): void {
     if (this.#state === St.Failed) return;

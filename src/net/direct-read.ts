@@ -21,6 +21,11 @@ export interface DirectReader {
   readTarget(): Uint8Array;
   /** `n` bytes landed at the start of the buffer the last readTarget() returned. */
   onDirectRead(n: number): void;
+  /**
+   * The last target must be filled before the parser can use any of it (a header, a run of
+   * page slots): a reader thread then answers once, when it is full (src/net/threaded-read.ts).
+   */
+  readExact?(): boolean;
 }
 
 interface Internal { _handle?: { useUserBuffer?: unknown; readStop?: () => number; reading?: boolean } | null; _server?: (Server & { _connections: number }) | null }

@@ -5,6 +5,7 @@ import type { Logger } from '../log.js';
 import type { IncomingMigration } from '../migration/incoming.js';
 import { acceptTls, type TlsServerConfig } from './tls.js';
 import { directReadReady } from './direct-read.js';
+import { readerThreadsSelfTest } from './threaded-read.js';
 import { MULTIFD_INIT_LEN, MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION } from '../wire/constants.js';
 
 export interface ListenOptions {
@@ -47,6 +48,7 @@ const MAIN_HEADER_LEN = 8;   // QEMU_VM_FILE_MAGIC + QEMU_VM_FILE_VERSION
  */
 export async function listenForMigration(mig: IncomingMigration, opts: ListenOptions): Promise<Server> {
   await directReadReady(opts.log);
+  await readerThreadsSelfTest(opts.log);
   const allow = new Set((opts.allow ?? []).flatMap((a) => [a, `::ffff:${a}`]));
   const identifyMs = opts.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS;
   const maxPending = opts.maxUnidentified ?? DEFAULT_MAX_UNIDENTIFIED;

@@ -1,6 +1,7 @@
 import { availableParallelism } from 'node:os';
 import { MessageChannel, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import { Piscina } from 'piscina';
+import { sabIds } from './sab-ids.js';
 import type { DecodeResult, DecodeTask } from '../compression/decoder.js';
 import { MigrationError } from '../errors.js';
 import {
@@ -224,9 +225,7 @@ export class PagePool {
   readonly #rings: Ring[] = [];
   #next = 0;
   /** SharedArrayBuffers named by number in ring records; a buffer gone here is evicted there. */
-  readonly #uids = new WeakMap<SharedArrayBuffer, number>();
-  #uid = 0;
-  readonly #gone = new FinalizationRegistry<number>((uid) => { for (const r of this.#rings) r.forget(uid); });
+  #unsubscribe: () => void = () => undefined;
 
   constructor(opts: PagePoolOptions = {}) {
     const threads = opts.threads ?? Math.max(1, availableParallelism());
@@ -248,15 +247,8 @@ export class PagePool {
     // no listener that would end the process. Task failures still reach their run() callers.
     this.#pool.on('error', () => undefined);
     if (opts.rings !== false && typeof waitAsync === 'function') {
-      const uidOf = (sab: SharedArrayBuffer): number => {
-        let uid = this.#uids.get(sab);
-        if (uid === undefined) {
-          uid = ++this.#uid;
-          this.#uids.set(sab, uid);
-          this.#gone.register(sab, uid);
-        }
-        return uid;
-      };
+      const uidOf = (sab: SharedArrayBuffer): number => sabIds.uidOf(sab);
+      this.#unsubscribe = sabIds.onGone((uid) => { for (const r of this.#rings) r.forget(uid); });
       const idleMs = opts.ringIdleMs ?? RING_IDLE_MS;
       for (let k = 0; k < threads; k++) this.#rings.push(new Ring(this.#pool, uidOf, idleMs));
     }
@@ -296,6 +288,7 @@ export class PagePool {
   async close(): Promise<void> {
     await Promise.allSettled([...this.#inflight]);
     await Promise.all(this.#rings.map((r) => r.close()));
+    this.#unsubscribe();
     await this.#pool.destroy();
   }
 }

@@ -1,0 +1,14 @@
+import { startReceiver } from './dist/test/helpers/synthetic.js';
+import { SyntheticSource } from './dist/src/sender/source.js';
+import { ThreadedSocket } from './dist/src/net/threaded-read.js';
+import { MultiFDChannel } from './dist/src/migration/multifd-channel.js';
+const origRT = MultiFDChannel.prototype.readTarget, origOD = MultiFDChannel.prototype.onDirectRead;
+let log = [];
+MultiFDChannel.prototype.readTarget = function () { const t = origRT.call(this); log.push(`T ${t.buffer instanceof SharedArrayBuffer ? 'sab' : 'buf'} off=${t.byteOffset} len=${t.length} exact=${this.readExact()} consumed=${this.q.consumed}`); return t; };
+MultiFDChannel.prototype.onDirectRead = function (n) { log.push(`D ${n}`); return origOD.call(this, n); };
+const r = await startReceiver({ multifdChannels: 1 });
+const src = new SyntheticSource({ port: r.port, layout: '7.2', channels: 1, iterations: 3, seed: 8, memory: { ramMiB: 32 } });
+const res = await src.run().catch(e => ({ err: e.message }));
+const o = await r.mig.done; console.log(JSON.stringify(o).slice(0, 600));
+console.log(log.slice(0, 30).join('\n'));
+await r.close();

@@ -1,0 +1,346 @@
+import { EventEmitter, once } from 'node:events';
+import { connect, createServer, Socket, type Server } from 'node:net';
+import { availableParallelism } from 'node:os';
+import { getSystemErrorName } from 'node:util';
+import { MessageChannel, type MessagePort } from 'node:worker_threads';
+import { Piscina } from 'piscina';
+import type { Logger } from '../log.js';
+import { sabIds } from '../pool/sab-ids.js';
+import type { DirectReader } from './direct-read.js';
+import {
+  CMD, CMD_EXACT, CMD_LENGTH, CMD_OFFSET, CMD_READ, CMD_REGION, CMD_SEQ, CMD_STOP, CTL_WORDS, EVT_DATA, EVT_END, EVT_ERRNO,
+  EVT_KIND, EVT_N, EVT_SEQ, SCRATCH_REGION, type SocketReadSummary, type SocketReadTask,
+} from './socket-reader.js';
+
+/**
+ * A multifd connection read by its own thread (src/net/socket-reader.ts), as QEMU runs one
+ * multifd_recv_thread per channel: on the main thread the kernel's socket copy was the largest
+ * single cost of a multifd checkpoint (perf: `_copy_to_iter` 26–38 % of the thread, for all
+ * channels at once). The parser stays on the main thread and says where each read goes
+ * (DirectReader: a header's bytes, a run of page slots); the reader thread fills it and
+ * answers once. Nothing but this file and the reader knows; the migration sees a socket that
+ * pauses, resumes, times out, ends and is destroyed.
+ *
+ * Node cannot move a socket to another thread, so the reader opens a second handle on the
+ * same descriptor. The main thread's handle is parked: reading stopped, detached from its
+ * Socket and never closed, because the reader's handle closes the descriptor, and closing it
+ * twice could close whatever connection reused the number. `directReadReady` checks all of
+ * it at startup; `COLO_READER_THREADS=0` keeps every read on the main thread.
+ */
+
+/** ES2024's Atomics.waitAsync (the TypeScript lib here predates it). */
+type WaitAsync = (a: Int32Array, index: number, value: number) => { async: false; value: string } | { async: true; value: Promise<string> };
+const waitAsync = (Atomics as unknown as { waitAsync?: WaitAsync }).waitAsync;
+
+const WORKER_URL = new URL('../../workers/socket-reader.js', import.meta.url).href;
+/** As for the page writers (src/pool/page-pool.ts): piscina's import() path, not require(esm). */
+const WORKER_EXEC_ARGV = ['--no-experimental-require-module'];
+/** Header, handshake and side reads land here first; the largest is the parser's 64 KiB side read. */
+const SCRATCH_BYTES = 64 * 1024;
+
+interface Parked { readStop?: () => number; reading?: boolean; fd?: number }
+interface Internal { _handle?: Parked | null; _server?: (Server & { _connections: number; _emitCloseIfDrained?: () => void }) | null }
+
+/**
+ * Handles whose descriptor a reader thread owns: kept here for the life of the process so
+ * they are never closed (see above). A few hundred bytes per multifd connection.
+ */
+const parked = new Set<Parked>();
+
+/** What the migration uses of a connection (a net.Socket has all of it). */
+export interface Conn extends EventEmitter {
+  pause(): unknown;
+  resume(): unknown;
+  destroy(): unknown;
+  setTimeout(ms: number): unknown;
+  setNoDelay(noDelay?: boolean): unknown;
+}
+
+let pool: Piscina<SocketReadTask, SocketReadSummary> | null = null;
+function readers(): Piscina<SocketReadTask, SocketReadSummary> {
+  pool ??= new Piscina<SocketReadTask, SocketReadSummary>({
+    filename: WORKER_URL,
+    name: 'handle',
+    // One thread per connection for its whole life, as QEMU's; a thread outlives its
+    // connection a while so the next migration's channels do not start threads again.
+    minThreads: 0,
+    maxThreads: 256,
+    concurrentTasksPerWorker: 1,
+    idleTimeout: 60_000,
+    execArgv: WORKER_EXEC_ARGV,
+  });
+  return pool;
+}
+
+/**
+ * The main thread's side of one reader thread: a socket-like object that feeds `r`.
+ * One command is outstanding at a time; pause() only withholds the next one.
+ */
+export class ThreadedSocket extends EventEmitter implements Conn {
+  readonly #ctlSab = new SharedArrayBuffer(CTL_WORDS * 4);
+  readonly #ctl = new Int32Array(this.#ctlSab);
+  readonly #scratchSab = new SharedArrayBuffer(SCRATCH_BYTES);
+  readonly #scratch = new Uint8Array(this.#scratchSab);
+  readonly #port: MessagePort;
+  readonly #sent = new Set<number>();
+  readonly #unsubscribe: () => void;
+  #evt = 0;
+  #outstanding = false;
+  #paused = true;
+  #inEvent = false;
+  #destroyed = false;
+  #ended = false;
+  /** The target the outstanding command fills when it is not shared memory (copied on arrival). */
+  #copyTo: Uint8Array | null = null;
+  #timeoutMs = 0;
+  #timer: NodeJS.Timeout | null = null;
+  /** Reader thread's counters, once it ended. */
+  summary: SocketReadSummary | null = null;
+
+  constructor(fd: number, private readonly r: DirectReader, server: Internal['_server']) {
+    super();
+    const ch = new MessageChannel();
+    this.#port = ch.port1;
+    this.#unsubscribe = sabIds.onGone((uid) => { if (this.#sent.delete(uid)) this.#port.postMessage({ uid, evict: true }); });
+    const task: SocketReadTask = { op: 'read', fd, ctl: this.#ctlSab, scratch: this.#scratchSab, port: ch.port2 };
+    readers().run(task, { transferList: [ch.port2] }).then(
+      (s) => { this.summary = s; this.#closed(server); },
+      (e: unknown) => {
+        if (!this.#destroyed && !this.#ended) this.emit('error', new Error(`multifd reader thread failed: ${String(e)}`, { cause: e }));
+        this.#closed(server);
+      },
+    );
+  }
+
+  get destroyed(): boolean { return this.#destroyed; }
+
+  pause(): this { this.#paused = true; return this; }
+
+  resume(): this {
+    this.#paused = false;
+    if (!this.#inEvent) this.#issue();
+    return this;
+  }
+
+  setNoDelay(): this { return this; }
+
+  /** As net.Socket's: 'timeout' after `ms` without bytes, paused or not; 0 turns it off. */
+  setTimeout(ms: number): this {
+    this.#timeoutMs = ms;
+    this.#armTimer();
+    return this;
+  }
+
+  destroy(): this {
+    if (this.#destroyed) return this;
+    this.#destroyed = true;
+    this.#clearTimer();
+    this.#ctl[CMD] = CMD_STOP;
+    Atomics.add(this.#ctl, CMD_SEQ, 1);
+    Atomics.notify(this.#ctl, CMD_SEQ);
+    // A reader idle in its event loop (no bytes coming) hears the stop on its port.
+    this.#port.postMessage({ stop: true });
+    return this;
+  }
+
+  #closed(server: Internal['_server']): void {
+    this.#clearTimer();
+    this.#unsubscribe();
+    this.#port.close();
+    this.#destroyed = true;
+    if (server) { server._connections--; server._emitCloseIfDrained?.(); }
+    this.emit('close', false);
+  }
+
+  #issue(): void {
+    if (this.#outstanding || this.#paused || this.#destroyed || this.#ended) return;
+    const t = this.r.readTarget();
+    const exact = this.r.readExact?.() ?? false;
+    const ctl = this.#ctl;
+    if (t.buffer instanceof SharedArrayBuffer) {
+      const uid = sabIds.uidOf(t.buffer);
+      if (!this.#sent.has(uid)) { this.#port.postMessage({ uid, sab: t.buffer }); this.#sent.add(uid); }
+      ctl[CMD_REGION] = uid;
+      ctl[CMD_OFFSET] = t.byteOffset;
+      ctl[CMD_LENGTH] = t.length;
+      this.#copyTo = null;
+    } else {
+      ctl[CMD_REGION] = SCRATCH_REGION;
+      ctl[CMD_OFFSET] = 0;
+      ctl[CMD_LENGTH] = Math.min(t.length, SCRATCH_BYTES);
+      this.#copyTo = t;
+    }
+    // A target larger than the scratch buffer is read in parts: each part is a complete read.
+    ctl[CMD_EXACT] = exact && ctl[CMD_LENGTH] === t.length ? 1 : 0;
+    ctl[CMD] = CMD_READ;
+    this.#outstanding = true;
+    Atomics.add(ctl, CMD_SEQ, 1);
+    Atomics.notify(ctl, CMD_SEQ);
+    this.#wait();
+  }
+
+  #wait(): void {
+    const w = waitAsync!(this.#ctl, EVT_SEQ, this.#evt);
+    if (w.async) void w.value.then(() => this.#onEvent());
+    else queueMicrotask(() => this.#onEvent());
+  }
+
+  #onEvent(): void {
+    const ctl = this.#ctl;
+    if (Atomics.load(ctl, EVT_SEQ) === this.#evt) { this.#wait(); return; }
+    this.#evt = Atomics.load(ctl, EVT_SEQ);
+    this.#outstanding = false;
+    if (this.#destroyed) return;
+    const kind = ctl[EVT_KIND]!, n = ctl[EVT_N]!;
+    this.#inEvent = true;
+    try {
+      if (n > 0) {
+        if (this.#copyTo) this.#copyTo.set(this.#scratch.subarray(0, n));
+        this.#armTimer();
+        this.r.onDirectRead(n);
+      }
+      if (kind === EVT_END) { this.#ended = true; this.#clearTimer(); this.emit('end'); }
+      else if (kind !== EVT_DATA) {
+        const errno = ctl[EVT_ERRNO]!;
+        let name = 'EIO';
+        try { name = getSystemErrorName(errno); } catch { /* not a libuv code */ }
+        const e = Object.assign(new Error(`read ${name}`), { code: name, errno, syscall: 'read' });
+        this.#ended = true;
+        this.emit('error', e);
+      }
+    } finally {
+      this.#inEvent = false;
+    }
+    this.#issue();
+  }
+
+  #armTimer(): void {
+    this.#clearTimer();
+    if (this.#timeoutMs <= 0 || this.#destroyed) return;
+    this.#timer = setTimeout(() => { this.#timer = null; this.emit('timeout'); }, this.#timeoutMs);
+    this.#timer.unref();
+  }
+
+  #clearTimer(): void {
+    if (this.#timer) { clearTimeout(this.#timer); this.#timer = null; }
+  }
+}
+
+let state: 'untested' | 'ok' | 'off' = 'untested';
+let reason = '';
+
+/** The self-test passed (run by directReadReady): readers may be used. */
+export function readerThreadsReady(): boolean { return state === 'ok'; }
+export function readerThreadsOffReason(): string { return reason; }
+
+function adoptable(sock: unknown): sock is Socket & Internal {
+  if (!(sock instanceof Socket) || sock.constructor !== Socket) return false;
+  const h = (sock as Internal)._handle;
+  return !!h && typeof h.readStop === 'function' && typeof h.fd === 'number' && h.fd >= 0;
+}
+
+/** Parks an accepted, paused socket's handle and gives its descriptor to a reader thread. */
+function adopt(sock: Socket & Internal, r: DirectReader): { sock: ThreadedSocket; buffered: Buffer[] } {
+  const handle = sock._handle!;
+  // Detached before the socket's buffer is drained: read() on a paused socket below its
+  // high-water mark starts its handle reading again, and this thread would take bytes that
+  // belong to the reader.
+  sock._handle = null;
+  handle.readStop!();
+  handle.reading = false;
+  const buffered: Buffer[] = [];
+  for (let c: Buffer | null; (c = sock.read() as Buffer | null) !== null;) buffered.push(c);
+  const server = sock._server ?? null;
+  parked.add(handle);
+  sock._server = null;
+  sock.removeAllListeners();
+  return { sock: new ThreadedSocket(handle.fd!, r, server), buffered };
+}
+
+/**
+ * A reader thread for this socket, or null (not a plain TCP socket, the self-test did not
+ * pass, or `COLO_READER_THREADS=0`). Bytes the socket had buffered are returned for the caller
+ * to consume first; the ThreadedSocket starts paused.
+ */
+export function adoptForThreadedRead(sock: unknown, r: DirectReader): { sock: ThreadedSocket; buffered: Buffer[] } | null {
+  if (state !== 'ok' || process.env.COLO_READER_THREADS === '0' || !adoptable(sock)) return null;
+  return adopt(sock, r);
+}
+
+/**
+ * Accepts a loopback connection as the listener does, hands it to a reader thread and checks
+ * that exact and partial targets, scratch and shared-memory targets, pause, EOF, destroy and
+ * the server's connection count behave (and starts the first reader thread).
+ */
+export async function readerThreadsSelfTest(log?: Logger): Promise<boolean> {
+  if (state !== 'untested') return state === 'ok';
+  if (typeof waitAsync !== 'function' || process.env.COLO_READER_THREADS === '0') {
+    state = 'off';
+    reason = typeof waitAsync !== 'function' ? 'no Atomics.waitAsync' : 'COLO_READER_THREADS=0';
+  } else {
+    try {
+      await selfTest();
+      state = 'ok';
+    } catch (e) {
+      state = 'off';
+      reason = e instanceof Error ? e.message : String(e);
+    }
+  }
+  if (state === 'ok') log?.debug({ threads: availableParallelism() }, 'multifd connections read by their own threads (self-test passed)');
+  else if (process.env.COLO_READER_THREADS !== '0') log?.warn({ reason }, 'multifd reader threads unavailable: channels are read on the main thread');
+  return state === 'ok';
+}
+
+async function selfTest(): Promise<void> {
+  const mem = new Uint8Array(new SharedArrayBuffer(1 << 17));
+  const server = createServer({ noDelay: true }) as Server & Internal['_server'];
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const port = (server.address() as { port: number }).port;
+  const limit = <T>(p: Promise<T>, what: string) => Promise.race([p, new Promise<never>((_, rej) => setTimeout(() => rej(new Error(`reader self-test: ${what}`)), 5000).unref())]);
+  try {
+    const accepted = once(server, 'connection') as Promise<[Socket]>;
+    const client = connect(port, '127.0.0.1');
+    await once(client, 'connect');
+    const [s] = await accepted;
+    client.write(Buffer.from([9, 9, 9]));
+    await once(s, 'data');
+    s.pause();
+    if (!adoptable(s)) throw new Error('accepted socket has no adoptable handle');
+    // 100 header-sized exact reads into plain Buffers, then one 64 KiB exact read into shared memory.
+    const want = 100 * 16 + 65536;
+    const payload = Buffer.alloc(want);
+    for (let i = 0; i < want; i++) payload[i] = (i * 13 + 5) & 0xff;
+    const got: Buffer[] = [];
+    let landed = 0, last: Uint8Array = mem;
+    let done!: () => void;
+    const all = new Promise<void>((res) => { done = res; });
+    const reader: DirectReader = {
+      readTarget: () => (last = landed < 1600 || landed >= want ? Buffer.alloc(16) : mem.subarray(4096, 4096 + want - landed)),
+      readExact: () => true,
+      onDirectRead: (n) => {
+        if (n !== last.length) throw new Error(`reader self-test: exact read of ${last.length} answered with ${n}`);
+        got.push(Buffer.from(last.subarray(0, n)));
+        landed += n;
+        if (landed >= want) { t.pause(); done(); }
+      },
+    };
+    const { sock: t, buffered } = adopt(s, reader);
+    if (buffered.length > 0) throw new Error('reader self-test: bytes buffered after pause');
+    t.resume();
+    // Sent in pieces across header boundaries.
+    for (let at = 0; at < want; at += 1000) client.write(payload.subarray(at, Math.min(want, at + 1000)));
+    await limit(all, 'bytes did not arrive');
+    if (!Buffer.concat(got).equals(payload)) throw new Error('reader self-test: bytes arrived out of place');
+    const ended = once(t, 'end');
+    t.resume();
+    client.end();
+    await limit(ended, 'no EOF');
+    const closed = once(t, 'close');
+    t.destroy();
+    await limit(closed, 'no close');
+  } finally {
+    const drained = new Promise<void>((res) => server.close(() => res()));
+    await limit(drained, 'server still counts the connection');
+  }
+}
