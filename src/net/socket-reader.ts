@@ -11,7 +11,8 @@ import { receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
  * One command and one answer at a time, in a few Int32 words of a SharedArrayBuffer: the
  * main thread writes a target (a SharedArrayBuffer it sent over the port, an offset, a
  * length, and whether it must be filled: a packet header or a run of page slots) and bumps
- * CMD_SEQ; this thread reads into it and bumps EVT_SEQ with what happened. A target that
+ * CMD_SEQ; this thread reads into it, bumps EVT_SEQ with what happened and posts a word on
+ * the port to wake the main thread. A target that
  * must be filled is answered once it is full, so a 512 KiB packet payload costs the main
  * thread one wake-up however many reads the kernel needed.
  */
@@ -78,7 +79,9 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
     ctl[EVT_ERRNO] = errno;
     // The stores above, and the kernel's bytes in the target, happen-before this one.
     Atomics.add(ctl, EVT_SEQ, 1);
-    Atomics.notify(ctl, EVT_SEQ);
+    // The main thread is woken by a message: its event loop hears a port at once, where an
+    // Atomics.waitAsync settled ~1 ms late (bench:throughput: 0.13 GB/s against 0.66).
+    t.port.postMessage(kind);
   };
   /** Takes the next command, waiting for it: the socket has bytes, and nowhere to put them yet. */
   const take = () => {

@@ -28,10 +28,6 @@ import {
  * it at startup; `COLO_READER_THREADS=0` keeps every read on the main thread.
  */
 
-/** ES2024's Atomics.waitAsync (the TypeScript lib here predates it). */
-type WaitAsync = (a: Int32Array, index: number, value: number) => { async: false; value: string } | { async: true; value: Promise<string> };
-const waitAsync = (Atomics as unknown as { waitAsync?: WaitAsync }).waitAsync;
-
 const WORKER_URL = new URL('../../workers/socket-reader.js', import.meta.url).href;
 /** As for the page writers (src/pool/page-pool.ts): piscina's import() path, not require(esm). */
 const WORKER_EXEC_ARGV = ['--no-experimental-require-module'];
@@ -101,6 +97,7 @@ export class ThreadedSocket extends EventEmitter implements Conn {
     super();
     const ch = new MessageChannel();
     this.#port = ch.port1;
+    this.#port.on('message', () => this.#onEvent());
     this.#unsubscribe = sabIds.onGone((uid) => { if (this.#sent.delete(uid)) this.#port.postMessage({ uid, evict: true }); });
     const task: SocketReadTask = { op: 'read', fd, ctl: this.#ctlSab, scratch: this.#scratchSab, port: ch.port2 };
     readers().run(task, { transferList: [ch.port2] }).then(
@@ -144,6 +141,9 @@ export class ThreadedSocket extends EventEmitter implements Conn {
   }
 
   #closed(server: Internal['_server']): void {
+    // The reader's last word (its EOF, an error) may still be queued on the port: the task's
+    // result came over piscina's own port, and two ports keep no order between them.
+    this.#onEvent();
     this.#clearTimer();
     this.#unsubscribe();
     this.#port.close();
@@ -176,18 +176,11 @@ export class ThreadedSocket extends EventEmitter implements Conn {
     this.#outstanding = true;
     Atomics.add(ctl, CMD_SEQ, 1);
     Atomics.notify(ctl, CMD_SEQ);
-    this.#wait();
-  }
-
-  #wait(): void {
-    const w = waitAsync!(this.#ctl, EVT_SEQ, this.#evt);
-    if (w.async) void w.value.then(() => this.#onEvent());
-    else queueMicrotask(() => this.#onEvent());
   }
 
   #onEvent(): void {
     const ctl = this.#ctl;
-    if (Atomics.load(ctl, EVT_SEQ) === this.#evt) { this.#wait(); return; }
+    if (Atomics.load(ctl, EVT_SEQ) === this.#evt) return;
     this.#evt = Atomics.load(ctl, EVT_SEQ);
     this.#outstanding = false;
     if (this.#destroyed) return;
@@ -274,9 +267,9 @@ export function adoptForThreadedRead(sock: unknown, r: DirectReader): { sock: Th
  */
 export async function readerThreadsSelfTest(log?: Logger): Promise<boolean> {
   if (state !== 'untested') return state === 'ok';
-  if (typeof waitAsync !== 'function' || process.env.COLO_READER_THREADS === '0') {
+  if (process.env.COLO_READER_THREADS === '0') {
     state = 'off';
-    reason = typeof waitAsync !== 'function' ? 'no Atomics.waitAsync' : 'COLO_READER_THREADS=0';
+    reason = 'COLO_READER_THREADS=0';
   } else {
     try {
       await selfTest();
