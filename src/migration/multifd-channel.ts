@@ -184,6 +184,15 @@ export class MultiFDChannel {
   /** The last target is a payload run or slot: nothing in it is usable until it is full. */
   readExact(): boolean { return this.#readExact; }
 
+  /**
+   * The last target ends a packet that is not a SYNC: the next header may be read with it.
+   * (After a SYNC the channel parks; its next bytes wait for the barrier.)
+   */
+  readThen(): number {
+    if (!this.#readDirect || this.#pkt === null || (this.#pkt.flags & MULTIFD_FLAG_SYNC) !== 0) return 0;
+    return this.#state === St.Payload || (this.#state === St.Direct && this.#run === this.#runs - 1) ? MULTIFD_PACKET_HEADER_LEN : 0;
+  }
+
   onDirectRead(n: number): void {
     if (this.#state === St.Failed) return;
     if (!this.#readDirect) { this.push(Buffer.from(this.#readBuf.buffer, this.#readBuf.byteOffset, n)); return; }

@@ -22,11 +22,20 @@ export const CMD_REGION = 2;
 export const CMD_OFFSET = 3;
 export const CMD_LENGTH = 4;
 export const CMD_EXACT = 5;
+/**
+ * After an exact target is full, read up to this many bytes into the scratch buffer and answer
+ * for both at once (0: answer at once). The main thread asks for it when the target ends a
+ * packet's payload, so the next packet's header comes with it: one wake-up per packet, not two.
+ */
+export const CMD_THEN = 6;
 export const EVT_SEQ = 8;
 export const EVT_KIND = 9;
+/** Bytes that landed in the command's target. */
 export const EVT_N = 10;
 /** errno (negative libuv code) of an EVT_ERROR. */
 export const EVT_ERRNO = 11;
+/** Bytes of the follow-up read (CMD_THEN), at the start of the scratch buffer. */
+export const EVT_N2 = 12;
 export const CTL_WORDS = 16;
 
 export const CMD_READ = 1;
@@ -60,6 +69,10 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
   let target: Uint8Array | null = null;
   let exact = false;
   let got = 0;
+  /** Follow-up read asked for, and what the command's own target took once it was full. */
+  let then = 0;
+  let first = 0;
+  let inThen = false;
   let stopping = false;
   const sum: SocketReadSummary = { bytes: 0, reads: 0, wakes: 0 };
   // Bytes read after a stop are dropped: the main thread has let the connection go.
@@ -73,10 +86,13 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
   const drainPort = () => {
     for (let m = receiveMessageOnPort(t.port); m !== undefined; m = receiveMessageOnPort(t.port)) onMessage(m.message as PortMessage);
   };
-  const report = (kind: number, n: number, errno = 0) => {
+  const report = (kind: number, errno = 0) => {
     ctl[EVT_KIND] = kind;
-    ctl[EVT_N] = n;
+    ctl[EVT_N] = inThen ? first : got;
+    ctl[EVT_N2] = inThen ? got : 0;
     ctl[EVT_ERRNO] = errno;
+    target = null;
+    inThen = false;
     // The stores above, and the kernel's bytes in the target, happen-before this one.
     Atomics.add(ctl, EVT_SEQ, 1);
     // The main thread is woken by a message: its event loop hears a port at once, where an
@@ -94,6 +110,7 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
     if (!r) throw new Error(`socket reader: region ${ctl[CMD_REGION]} was never sent`);
     target = r.subarray(ctl[CMD_OFFSET]!, ctl[CMD_OFFSET]! + ctl[CMD_LENGTH]!);
     exact = ctl[CMD_EXACT] === 1;
+    then = exact && ctl[CMD_REGION] !== SCRATCH_REGION ? ctl[CMD_THEN]! : 0;
     got = 0;
   };
 
@@ -115,7 +132,16 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
           got += n;
           sum.bytes += n;
           sum.reads++;
-          if (got === target.length || !exact) { target = null; report(EVT_DATA, got); }
+          if (got === target.length && then > 0 && !inThen) {
+            // The payload is in; the next header goes to the scratch buffer before answering.
+            inThen = true;
+            first = got;
+            got = 0;
+            target = regions.get(SCRATCH_REGION)!.subarray(0, then);
+            exact = false;
+          } else if (got === target.length || !exact) {
+            report(EVT_DATA);
+          }
           // A stop the main thread wrote while this target was being filled.
           if (Atomics.load(ctl, CMD_SEQ) !== seen) { drainPort(); if (ctl[CMD] === CMD_STOP || stopping) { stopping = true; queueMicrotask(stop); return false; } }
           return true;
@@ -123,8 +149,8 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
       },
     } as unknown as ConstructorParameters<typeof Socket>[0]);
     t.port.on('message', (m: PortMessage) => { onMessage(m); if (stopping) stop(); });
-    sock.on('end', () => { if (!stopping) report(EVT_END, got); stop(); });
-    sock.on('error', (e: NodeJS.ErrnoException) => { if (!stopping) report(EVT_ERROR, got, typeof e.errno === 'number' ? e.errno : -5); });
+    sock.on('end', () => { if (!stopping) report(EVT_END); stop(); });
+    sock.on('error', (e: NodeJS.ErrnoException) => { if (!stopping) report(EVT_ERROR, typeof e.errno === 'number' ? e.errno : -5); });
     sock.on('close', () => { t.port.close(); resolve(sum); });
   });
 }

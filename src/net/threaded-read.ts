@@ -8,8 +8,8 @@ import type { Logger } from '../log.js';
 import { sabIds } from '../pool/sab-ids.js';
 import type { DirectReader } from './direct-read.js';
 import {
-  CMD, CMD_EXACT, CMD_LENGTH, CMD_OFFSET, CMD_READ, CMD_REGION, CMD_SEQ, CMD_STOP, CTL_WORDS, EVT_DATA, EVT_END, EVT_ERRNO,
-  EVT_KIND, EVT_N, EVT_SEQ, SCRATCH_REGION, type SocketReadSummary, type SocketReadTask,
+  CMD, CMD_EXACT, CMD_LENGTH, CMD_OFFSET, CMD_READ, CMD_REGION, CMD_SEQ, CMD_STOP, CMD_THEN, CTL_WORDS, EVT_DATA, EVT_END, EVT_ERRNO,
+  EVT_KIND, EVT_N, EVT_N2, EVT_SEQ, SCRATCH_REGION, type SocketReadSummary, type SocketReadTask,
 } from './socket-reader.js';
 
 /**
@@ -172,6 +172,7 @@ export class ThreadedSocket extends EventEmitter implements Conn {
     }
     // A target larger than the scratch buffer is read in parts: each part is a complete read.
     ctl[CMD_EXACT] = exact && ctl[CMD_LENGTH] === t.length ? 1 : 0;
+    ctl[CMD_THEN] = this.#copyTo === null ? Math.min(this.r.readThen?.() ?? 0, SCRATCH_BYTES) : 0;
     ctl[CMD] = CMD_READ;
     this.#outstanding = true;
     Atomics.add(ctl, CMD_SEQ, 1);
@@ -184,13 +185,22 @@ export class ThreadedSocket extends EventEmitter implements Conn {
     this.#evt = Atomics.load(ctl, EVT_SEQ);
     this.#outstanding = false;
     if (this.#destroyed) return;
-    const kind = ctl[EVT_KIND]!, n = ctl[EVT_N]!;
+    const kind = ctl[EVT_KIND]!, n = ctl[EVT_N]!, n2 = ctl[EVT_N2]!;
     this.#inEvent = true;
     try {
       if (n > 0) {
         if (this.#copyTo) this.#copyTo.set(this.#scratch.subarray(0, n));
         this.#armTimer();
         this.r.onDirectRead(n);
+      }
+      // The follow-up read (a header): handed over wherever the parser now wants bytes, in
+      // as many parts as its targets take, so nothing is lost whatever state it is in.
+      for (let at = 0; at < n2;) {
+        const t = this.r.readTarget();
+        const k = Math.min(n2 - at, t.length);
+        t.set(this.#scratch.subarray(at, at + k));
+        at += k;
+        this.r.onDirectRead(k);
       }
       if (kind === EVT_END) { this.#ended = true; this.#clearTimer(); this.emit('end'); }
       else if (kind !== EVT_DATA) {
