@@ -80,6 +80,21 @@ export class RAMBlock {
     return s;
   }
 
+  /**
+   * The page's bytes are already in `slot` (a reader thread read the payload into a reserved
+   * run): the table takes that slot, and the one it held for the same write target (the
+   * committed slot before COLO state, the checkpoint's pending one in it) is freed once no
+   * earlier write of the page can still be in flight. Committed pages of a COLO checkpoint
+   * are never touched: in COLO state only the pending table moves.
+   */
+  adoptSlot(page: number, mode: WriteMode, slot: number): void {
+    const table = mode !== WRITE_CACHE || !this.pending ? this.committed : this.pending;
+    const old = table[page]!;
+    table[page] = slot;
+    if (old >= 0) this.slab.deferFree(old);
+    if (table === this.pending) this.dirty!.record(page);
+  }
+
   /** A zero page: no slot, no write; in COLO state a dirty mark all the same (colo_record_bitmap). */
   zeroPage(page: number, mode: WriteMode): void {
     if (mode !== WRITE_CACHE || !this.pending) {

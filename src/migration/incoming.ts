@@ -540,6 +540,8 @@ export class IncomingMigration extends EventEmitter {
     },
     findBlock: (idstr) => this.blocks.get(idstr),
     writeMode: () => this.#writeMode(),
+    // Until MEM_SIZE the slab is a placeholder that is replaced: reservations wait for the real one.
+    reservationSlab: () => (this.blocks.blocks.length > 0 ? this.blocks.slab : undefined),
     submit: (ch, task: WriteTask, compressedBytes) => {
       const method = this.#opts.compression ?? 'none';
       return method === 'none' ? this.pool.write(task) : this.#decode(ch, task, method, compressedBytes);

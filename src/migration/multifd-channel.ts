@@ -1,10 +1,11 @@
 import { MigrationError, wireError } from '../errors.js';
 import { SLOT_BYTES, SLOT_INDEX_BYTES, SLOT_PAYLOAD_BYTES, type WriteMode, type WriteTask } from '../memory/page-writer.js';
 import type { RAMBlock } from '../memory/ram-block.js';
-import { chunksFor, slotRunLength } from '../memory/slab.js';
+import { chunksFor, slotRunLength, type Slab } from '../memory/slab.js';
+import type { PacketReader, Reservation } from '../net/threaded-read.js';
 import { ByteQueue } from '../wire/byte-queue.js';
 import {
-  MULTIFD_FLAG_SYNC, MULTIFD_INIT_LEN, MULTIFD_PACKET_COMMON_HEADER_LEN, MULTIFD_PACKET_HEADER_LEN, TARGET_PAGE_SIZE,
+  MULTIFD_FLAG_SYNC, MULTIFD_INIT_LEN, MULTIFD_PACKET_COMMON_HEADER_LEN, MULTIFD_PACKET_HEADER_LEN, MULTIFD_PAGES_PER_PACKET, TARGET_PAGE_SIZE,
 } from '../wire/constants.js';
 import type { Limits } from './limits.js';
 import { checkPacketCommon, decodeMultiFDInit, decodeMultiFDPacket, type Compression, type MultiFDInit, type MultiFDPacket } from './multifd-packet.js';
@@ -29,7 +30,21 @@ export interface ChannelSink {
   onBlocked(ch: MultiFDChannel, blocked: boolean): void;
   /** The channel failed (after its peer closed, if `ch.ended`). */
   onError(err: MigrationError, ch: MultiFDChannel): void;
+  /** The slab page slots come from, once the RAMBlock list is known (reader threads reserve runs in it). */
+  reservationSlab?(): Slab | undefined;
 }
+
+/** A payload area reserved for a reader thread: a run of page slots, or a staging slot. */
+interface ChannelReservation extends Reservation {
+  /** First slot of a run of RESERVED_PAGES (-1: a staging slot). */
+  slot: number;
+  /** The staging slot's offset (-1: a run). */
+  staging: number;
+  slab: Slab | null;
+}
+
+/** A reservation covers the largest packet QEMU sends (MULTIFD_PAGES_PER_PACKET). */
+const RESERVED_PAGES = MULTIFD_PAGES_PER_PACKET;
 
 const EMPTY = new Uint8Array(0);
 /** A read that is not a header or a direct payload: Node's own read size. */
@@ -58,7 +73,7 @@ type St = (typeof St)[keyof typeof St];
  * (or the channel's decoder thread) copies it to its slots.
  * After a SYNC packet the channel parks until the main channel's barrier releases it.
  */
-export class MultiFDChannel {
+export class MultiFDChannel implements PacketReader {
   id = -1;
   name = 'multifd/?';
   readonly q = new ByteQueue();
@@ -126,7 +141,8 @@ export class MultiFDChannel {
    * peer stalled. Parked at a SYNC or waiting for a staging slot, the channel waits on us.
    */
   get waitingForPeer(): boolean {
-    return this.#state === St.Init || (this.#state === St.Header && this.q.length > 0) || this.#state === St.Payload || this.#state === St.Direct;
+    return this.#state === St.Init || (this.#state === St.Header && this.q.length > 0) || this.#state === St.Payload || this.#state === St.Direct ||
+      (this.#state === St.Header && (this.midPacket?.() ?? false));
   }
 
   /** The socket should stay paused (no slot, or parked at SYNC). */
@@ -270,25 +286,8 @@ export class MultiFDChannel {
           }
           if (q.length < MULTIFD_PACKET_HEADER_LEN) return this.#setBlocked(false);
           this.#pktAt = q.consumed;
-          // A compressed payload is copied into one staging slot: a cap above the slot size
-          // (limits are user options) would let it spill into the next slot's packet.
-          const maxPayload = Math.min(this.limits.maxPacketPayload, SLOT_PAYLOAD_BYTES);
-          const p = decodeMultiFDPacket(q.take(MULTIFD_PACKET_HEADER_LEN), this.name, this.#pktAt, this.compression, maxPayload);
-          this.#pkt = p;
-          this.packets++;
-          this.sink.onPacket?.(this, p, this.#pktAt);
-          const n = p.normalPages + p.zeroPages;
-          if (n > 0) {
-            const block = this.sink.findBlock(p.ramblock);
-            if (!block) throw wireError('ERR_UNKNOWN_RAMBLOCK', `${this.name}: unknown ram block ${p.ramblock}`, this.name, this.#pktAt + 64);
-            for (let k = 0; k < n; k++) {
-              const off = p.offsets[k]!;
-              // QEMU checks only offset <= used_length - P; an unaligned offset would make a
-              // page straddle two pages of ours, so it is refused too.
-              if (off + TARGET_PAGE_SIZE > block.usedLength || off % TARGET_PAGE_SIZE !== 0) {
-                throw wireError('ERR_RANGE', `${this.name}: offset too long 0x${off.toString(16)} (max 0x${(block.usedLength - TARGET_PAGE_SIZE).toString(16)}) in block ${block.idstr}`, this.name, this.#pktAt + 320 + 8 * k);
-              }
-            }
+          const { p, block } = this.#decodeHeader(q.take(MULTIFD_PACKET_HEADER_LEN));
+          if (block) {
             this.#block = block;
             this.#state = this.#tryDirect(p, block) ? St.Direct : St.WaitSlot;
           } else {
@@ -351,6 +350,117 @@ export class MultiFDChannel {
     }
   }
 
+  /** Decodes and checks a packet header at #pktAt; the block when the packet carries pages. */
+  #decodeHeader(b: Buffer): { p: MultiFDPacket; block: RAMBlock | undefined } {
+    // A compressed payload is copied into one staging slot: a cap above the slot size
+    // (limits are user options) would let it spill into the next slot's packet.
+    const maxPayload = Math.min(this.limits.maxPacketPayload, SLOT_PAYLOAD_BYTES);
+    const p = decodeMultiFDPacket(b, this.name, this.#pktAt, this.compression, maxPayload);
+    this.#pkt = p;
+    this.packets++;
+    this.sink.onPacket?.(this, p, this.#pktAt);
+    const n = p.normalPages + p.zeroPages;
+    if (n === 0) return { p, block: undefined };
+    const block = this.sink.findBlock(p.ramblock);
+    if (!block) throw wireError('ERR_UNKNOWN_RAMBLOCK', `${this.name}: unknown ram block ${p.ramblock}`, this.name, this.#pktAt + 64);
+    for (let k = 0; k < n; k++) {
+      const off = p.offsets[k]!;
+      // QEMU checks only offset <= used_length - P; an unaligned offset would make a
+      // page straddle two pages of ours, so it is refused too.
+      if (off + TARGET_PAGE_SIZE > block.usedLength || off % TARGET_PAGE_SIZE !== 0) {
+        throw wireError('ERR_RANGE', `${this.name}: offset too long 0x${off.toString(16)} (max 0x${(block.usedLength - TARGET_PAGE_SIZE).toString(16)}) in block ${block.idstr}`, this.name, this.#pktAt + 320 + 8 * k);
+      }
+    }
+    return { p, block };
+  }
+
+  // ---- packet mode: a reader thread reads whole packets (src/net/threaded-read.ts)
+
+  /** Set by the reader's socket: the reader is inside a packet (the peer owes bytes). */
+  midPacket?: () => boolean;
+  /** Set by the reader's socket: a staging slot came back, reservations may be made again. */
+  onReservable?: () => void;
+
+  packetsReady(): boolean {
+    return this.#directReads && this.#directPages && this.compression === 'none' && !this.sink.discardPages &&
+      this.#state === St.Header && this.q.length === 0 && !this.#ended;
+  }
+
+  /**
+   * A run of RESERVED_PAGES free slots (a chunk is added if none has one), or a staging slot
+   * before the RAMBlock list is known or when --max-memory leaves no room for a chunk.
+   */
+  reserve(): ChannelReservation | null {
+    const slab = this.sink.reservationSlab?.();
+    if (slab && slab.chunkSlots >= RESERVED_PAGES) {
+      const first = slab.allocRun(RESERVED_PAGES, true);
+      if (first >= 0) {
+        return { sab: slab.chunks[first >>> slab.chunkSlotBits]!, offset: slab.offset(first), capacity: RESERVED_PAGES * TARGET_PAGE_SIZE, slot: first, staging: -1, slab };
+      }
+    }
+    const st = this.#free.pop();
+    if (st === undefined) return null;
+    return { sab: this.staging, offset: st + SLOT_INDEX_BYTES, capacity: SLOT_PAYLOAD_BYTES, slot: -1, staging: st, slab: null };
+  }
+
+  unreserve(r: Reservation): void {
+    const res = r as ChannelReservation;
+    if (res.slab) for (let k = 0; k < RESERVED_PAGES; k++) res.slab.free(res.slot + k);
+    else this.#free.push(res.staging);
+  }
+
+  /**
+   * One whole packet from the reader thread: checked and placed as if parsed here. Pages in a
+   * reserved run are already in their slots: the tables take them (RAMBlock.adoptSlot); a
+   * staging slot goes to a page writer as usual.
+   */
+  onReaderPacket(header: Buffer, payloadBytes: number, r: Reservation | null): void {
+    if (this.#state === St.Failed) { if (r) this.unreserve(r); return; }
+    const res = r as ChannelReservation | null;
+    try {
+      this.#pktAt = this.q.consumed;
+      this.q.consumedElsewhere(MULTIFD_PACKET_HEADER_LEN);
+      let p: MultiFDPacket, block: RAMBlock | undefined;
+      try {
+        ({ p, block } = this.#decodeHeader(header));
+        if (p.payloadLen !== payloadBytes) throw wireError('ERR_WORKER', `${this.name}: reader thread read ${payloadBytes} payload bytes for a packet of ${p.payloadLen}`, this.name, this.#pktAt);
+      } catch (e) {
+        if (res) this.unreserve(res);
+        throw e;
+      }
+      this.q.consumedElsewhere(payloadBytes);
+      if (block && res && res.slab) {
+        const mode = this.sink.writeMode();
+        for (let k = 0; k < p.normalPages; k++) block.adoptSlot(p.offsets[k]! / TARGET_PAGE_SIZE, mode, res.slot + k);
+        for (let k = p.normalPages; k < RESERVED_PAGES; k++) res.slab.free(res.slot + k);
+        this.#placeZeroPages(p, block, mode);
+        this.directPages += p.normalPages;
+      } else if (block && res) {
+        this.#placePages(p, block, this.#slotIndex, res.staging / 4);
+        this.#dispatch(p, block, res.staging);
+      } else if (block) {
+        this.#placePages(p, block, this.#slotIndex, 0);
+      } else if (res) {
+        this.unreserve(res);
+      }
+      this.directBytes += payloadBytes;
+      this.#afterPacket();
+      this.#pump();
+    } catch (e) {
+      this.#fail(e instanceof MigrationError ? e : wireError('ERR_WORKER', `${this.name}: ${String(e)}`, this.name, this.q.consumed));
+    }
+  }
+
+  /** The reader could not size a header: decoded here, it fails with the peer's error. */
+  onReaderBadHeader(header: Buffer): void { this.push(header); }
+
+  /** EOF from the reader thread `into` bytes of a packet (0: at a packet boundary). */
+  onReaderEnd(into: number): void {
+    if (into === 0 || this.#state === St.Failed) return;
+    this.#ended = true;
+    this.#fail(wireError('ERR_TRUNCATED', `${this.name}: connection closed inside a packet`, this.name, this.q.consumed + into));
+  }
+
   /**
    * Destination slots for the normal pages (into the staging slot's index area, for the
    * worker), table entries for the zero pages. Allocation is integer work on this thread, so
@@ -382,7 +492,17 @@ export class MultiFDChannel {
         for (; next < end; next++) slab.free(next);
       }
     }
-    if (!this.sink.discardPages) for (let k = p.normalPages; k < p.normalPages + p.zeroPages; k++) block.zeroPage(p.offsets[k]! / TARGET_PAGE_SIZE, mode);
+    if (!this.sink.discardPages) this.#placeZeroPages(p, block, mode);
+    else this.#count(p);
+  }
+
+  /** Zero pages take table entries only; then the packet's pages are counted. */
+  #placeZeroPages(p: MultiFDPacket, block: RAMBlock, mode: WriteMode): void {
+    for (let k = p.normalPages; k < p.normalPages + p.zeroPages; k++) block.zeroPage(p.offsets[k]! / TARGET_PAGE_SIZE, mode);
+    this.#count(p);
+  }
+
+  #count(p: MultiFDPacket): void {
     this.pages += p.normalPages;
     this.zeroPages += p.zeroPages;
     this.pagesSinceRelease += p.normalPages + p.zeroPages;
@@ -436,6 +556,7 @@ export class MultiFDChannel {
       () => {
         this.#inflight--;
         this.#free.push(slot);
+        this.onReservable?.();
         if (this.#state === St.Failed) return;
         if (this.#state === St.AtSync) { if (this.#inflight === 0) this.sink.onSynced(this); return; }
         this.#pump();

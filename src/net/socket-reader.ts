@@ -1,5 +1,6 @@
 import { Socket } from 'node:net';
 import { receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
+import { MULTIFD_FLAG_SYNC, MULTIFD_MAGIC, MULTIFD_PACKET_HEADER_LEN, MULTIFD_PAGES_PER_PACKET, MULTIFD_VERSION, TARGET_PAGE_SIZE } from '../wire/constants.js';
 
 /**
  * The reader thread of one multifd connection (what QEMU's multifd_recv_thread does with its
@@ -36,10 +37,43 @@ export const EVT_N = 10;
 export const EVT_ERRNO = 11;
 /** Bytes of the follow-up read (CMD_THEN), at the start of the scratch buffer. */
 export const EVT_N2 = 12;
-export const CTL_WORDS = 16;
+
+/**
+ * Packet mode (CMD_PACKETS, once the parser stands between two multifd packets): from then on
+ * this thread reads whole packets by itself, as multifd_recv_thread does, and the main thread
+ * only hears of each one after it is in. Headers go to HDR_SLOTS slots of the scratch buffer;
+ * payloads to runs of page slots the main thread reserved ahead (the RES ring), so no read
+ * waits for the main thread unless it fell HDR_SLOTS packets or every reservation behind.
+ * After a SYNC packet the thread waits for the barrier's release (P_RELEASE), as the channel
+ * parks. Each packet is posted on the port as [PKT_DONE_MSG, header slot, reservation, payload bytes].
+ */
+export const P_WAKE = 16;
+/** Reservations published (main thread). */
+export const P_RES_HEAD = 17;
+/** Packets the main thread has taken (their header slots are free again). */
+export const P_DONE = 18;
+/** SYNC packets the main thread has released. */
+export const P_RELEASE = 19;
+/** 1 from a packet's first header byte until its payload is in (the peer owes us bytes). */
+export const P_IN_PACKET = 20;
+export const RES_BASE = 24;
+export const RES_WORDS = 3;
+export const RES_SLOTS = 4;
+export const HDR_SLOTS = 8;
+export const CTL_WORDS = RES_BASE + RES_WORDS * RES_SLOTS;
 
 export const CMD_READ = 1;
 export const CMD_STOP = 2;
+export const CMD_PACKETS = 3;
+
+/** Port messages in packet mode: [kind, ...]. */
+export const MSG_PACKET = 1;
+/** [MSG_BAD, header slot]: a header the thread cannot size; it reads no further. */
+export const MSG_BAD = 2;
+/** [MSG_END, header bytes, payload bytes]: EOF, and how far into a packet it came. */
+export const MSG_END = 3;
+/** [MSG_ERROR, errno, header bytes, payload bytes]. */
+export const MSG_ERROR = 4;
 
 export const EVT_DATA = 1;
 export const EVT_END = 2;
@@ -57,13 +91,14 @@ export interface SocketReadTask {
   port: MessagePort;
 }
 
-export interface SocketReadSummary { bytes: number; reads: number; wakes: number }
+export interface SocketReadSummary { bytes: number; reads: number; wakes: number; packets: number }
 
 interface PortMessage { uid?: number; sab?: SharedArrayBuffer; evict?: boolean; stop?: boolean }
 
 export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
   const ctl = new Int32Array(t.ctl);
-  const regions = new Map<number, Uint8Array>([[SCRATCH_REGION, new Uint8Array(t.scratch)]]);
+  const scratch = new Uint8Array(t.scratch);
+  const regions = new Map<number, Uint8Array>([[SCRATCH_REGION, scratch]]);
   // Commands count from 0: the first may be written before this thread starts.
   let seen = 0;
   let target: Uint8Array | null = null;
@@ -74,9 +109,18 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
   let first = 0;
   let inThen = false;
   let stopping = false;
-  const sum: SocketReadSummary = { bytes: 0, reads: 0, wakes: 0 };
+  const sum: SocketReadSummary = { bytes: 0, reads: 0, wakes: 0, packets: 0 };
   // Bytes read after a stop are dropped: the main thread has let the connection go.
   const discard = new Uint8Array(64 * 1024);
+
+  // packet mode
+  let packets = false;
+  let phase: 'header' | 'payload' | 'release' | 'halt' = 'header';
+  let pk = 0;
+  let resTail = 0;
+  let syncs = 0;
+  let payLen = 0;
+  let hdrGot = 0;
 
   const onMessage = (m: PortMessage) => {
     if (m.stop) stopping = true;
@@ -85,6 +129,12 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
   };
   const drainPort = () => {
     for (let m = receiveMessageOnPort(t.port); m !== undefined; m = receiveMessageOnPort(t.port)) onMessage(m.message as PortMessage);
+  };
+  const region = (uid: number): Uint8Array => {
+    let r = regions.get(uid);
+    if (r === undefined) { drainPort(); r = regions.get(uid); }
+    if (r === undefined) throw new Error(`socket reader: region ${uid} was never sent`);
+    return r;
   };
   const report = (kind: number, errno = 0) => {
     ctl[EVT_KIND] = kind;
@@ -105,13 +155,82 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
     seen = Atomics.load(ctl, CMD_SEQ);
     // Regions a command names were posted before it.
     drainPort();
+    if (ctl[CMD] === CMD_PACKETS) { packets = true; return; }
     if (ctl[CMD] !== CMD_READ) { stopping = true; return; }
-    const r = regions.get(ctl[CMD_REGION]!);
-    if (!r) throw new Error(`socket reader: region ${ctl[CMD_REGION]} was never sent`);
-    target = r.subarray(ctl[CMD_OFFSET]!, ctl[CMD_OFFSET]! + ctl[CMD_LENGTH]!);
+    target = region(ctl[CMD_REGION]!).subarray(ctl[CMD_OFFSET]!, ctl[CMD_OFFSET]! + ctl[CMD_LENGTH]!);
     exact = ctl[CMD_EXACT] === 1;
     then = exact && ctl[CMD_REGION] !== SCRATCH_REGION ? ctl[CMD_THEN]! : 0;
     got = 0;
+  };
+  /** Waits until `ready()` or a stop; the main thread bumps P_WAKE after every change. */
+  const waitFor = (ready: () => boolean) => {
+    for (;;) {
+      const w = Atomics.load(ctl, P_WAKE);
+      if (Atomics.load(ctl, CMD_SEQ) !== seen) { drainPort(); if (ctl[CMD] === CMD_STOP) stopping = true; }
+      if (stopping || ready()) return;
+      sum.wakes++;
+      Atomics.wait(ctl, P_WAKE, w);
+    }
+  };
+  /** Packet mode: where the next bytes go (waiting for a header slot, a reservation or a release). */
+  const packetTarget = (): Uint8Array | null => {
+    for (;;) {
+      if (phase === 'halt') { waitFor(() => false); return null; }
+      if (phase === 'release') {
+        waitFor(() => Atomics.load(ctl, P_RELEASE) >= syncs);
+        if (stopping) return null;
+        phase = 'header';
+      }
+      if (phase === 'header') {
+        if (hdrGot === 0) waitFor(() => pk - Atomics.load(ctl, P_DONE) < HDR_SLOTS);
+        if (stopping) return null;
+        const at = (pk % HDR_SLOTS) * MULTIFD_PACKET_HEADER_LEN;
+        return scratch.subarray(at + hdrGot, at + MULTIFD_PACKET_HEADER_LEN);
+      }
+      // payload
+      if (got === 0) waitFor(() => Atomics.load(ctl, P_RES_HEAD) > resTail);
+      if (stopping) return null;
+      const e = RES_BASE + (resTail % RES_SLOTS) * RES_WORDS;
+      const r = region(ctl[e]!);
+      const at = ctl[e + 1]!;
+      return r.subarray(at + got, at + payLen);
+    }
+  };
+  const packetDone = () => {
+    const flags = (scratch[(pk % HDR_SLOTS) * MULTIFD_PACKET_HEADER_LEN + 11]! | 0);
+    t.port.postMessage([MSG_PACKET, pk % HDR_SLOTS, payLen > 0 ? resTail % RES_SLOTS : -1, payLen]);
+    if (payLen > 0) resTail++;
+    pk++;
+    sum.packets++;
+    hdrGot = 0;
+    got = 0;
+    payLen = 0;
+    Atomics.store(ctl, P_IN_PACKET, 0);
+    if (flags & MULTIFD_FLAG_SYNC) { syncs++; phase = 'release'; } else phase = 'header';
+  };
+  /** A whole header is in: size its payload, or stop reading when it cannot be sized safely. */
+  const headerDone = () => {
+    const h = new DataView(scratch.buffer, scratch.byteOffset + (pk % HDR_SLOTS) * MULTIFD_PACKET_HEADER_LEN, MULTIFD_PACKET_HEADER_LEN);
+    const pagesAlloc = h.getUint32(12), normal = h.getUint32(16);
+    if (h.getUint32(0) !== MULTIFD_MAGIC || h.getUint32(4) !== MULTIFD_VERSION || pagesAlloc > MULTIFD_PAGES_PER_PACKET || normal > pagesAlloc) {
+      // The main thread decodes it again and reports the peer's error, typed, as QEMU words it.
+      t.port.postMessage([MSG_BAD, pk % HDR_SLOTS]);
+      phase = 'halt';
+      return;
+    }
+    payLen = normal * TARGET_PAGE_SIZE;
+    got = 0;
+    if (payLen === 0) packetDone(); else phase = 'payload';
+  };
+  const onPacketBytes = (n: number) => {
+    if (phase === 'header') {
+      if (hdrGot === 0) Atomics.store(ctl, P_IN_PACKET, 1);
+      hdrGot += n;
+      if (hdrGot === MULTIFD_PACKET_HEADER_LEN) headerDone();
+    } else if (phase === 'payload') {
+      got += n;
+      if (got === payLen) packetDone();
+    }
   };
 
   return new Promise<SocketReadSummary>((resolve) => {
@@ -123,21 +242,27 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
       writable: false,
       onread: {
         buffer: () => {
-          if (target === null && !stopping) take();
+          if (!packets && target === null && !stopping) take();
+          if (packets && !stopping) {
+            const b = packetTarget();
+            if (b !== null) return b;
+          }
           if (stopping || target === null) { queueMicrotask(stop); return discard; }
           return target.subarray(got);
         },
         callback: (n: number) => {
-          if (stopping || target === null) return false;
-          got += n;
+          if (stopping) return false;
           sum.bytes += n;
           sum.reads++;
+          if (packets) { onPacketBytes(n); return true; }
+          if (target === null) return false;
+          got += n;
           if (got === target.length && then > 0 && !inThen) {
             // The payload is in; the next header goes to the scratch buffer before answering.
             inThen = true;
             first = got;
             got = 0;
-            target = regions.get(SCRATCH_REGION)!.subarray(0, then);
+            target = scratch.subarray(0, then);
             exact = false;
           } else if (got === target.length || !exact) {
             report(EVT_DATA);
@@ -149,8 +274,16 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
       },
     } as unknown as ConstructorParameters<typeof Socket>[0]);
     t.port.on('message', (m: PortMessage) => { onMessage(m); if (stopping) stop(); });
-    sock.on('end', () => { if (!stopping) report(EVT_END); stop(); });
-    sock.on('error', (e: NodeJS.ErrnoException) => { if (!stopping) report(EVT_ERROR, typeof e.errno === 'number' ? e.errno : -5); });
+    const inPacket = () => (phase === 'payload' ? [hdrGot, got] : [hdrGot, 0]);
+    sock.on('end', () => {
+      if (!stopping) { if (packets) t.port.postMessage([MSG_END, ...inPacket()]); else report(EVT_END); }
+      stop();
+    });
+    sock.on('error', (e: NodeJS.ErrnoException) => {
+      if (stopping) return;
+      const errno = typeof e.errno === 'number' ? e.errno : -5;
+      if (packets) t.port.postMessage([MSG_ERROR, errno, ...inPacket()]); else report(EVT_ERROR, errno);
+    });
     sock.on('close', () => { t.port.close(); resolve(sum); });
   });
 }

@@ -2,15 +2,17 @@ import { EventEmitter, once } from 'node:events';
 import { connect, createServer, Socket, type Server } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { getSystemErrorName } from 'node:util';
-import { MessageChannel, type MessagePort } from 'node:worker_threads';
+import { MessageChannel, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import type { Logger } from '../log.js';
 import { sabIds } from '../pool/sab-ids.js';
 import type { DirectReader } from './direct-read.js';
 import {
-  CMD, CMD_EXACT, CMD_LENGTH, CMD_OFFSET, CMD_READ, CMD_REGION, CMD_SEQ, CMD_STOP, CMD_THEN, CTL_WORDS, EVT_DATA, EVT_END, EVT_ERRNO,
-  EVT_KIND, EVT_N, EVT_N2, EVT_SEQ, SCRATCH_REGION, type SocketReadSummary, type SocketReadTask,
+  CMD, CMD_EXACT, CMD_LENGTH, CMD_OFFSET, CMD_PACKETS, CMD_READ, CMD_REGION, CMD_SEQ, CMD_STOP, CMD_THEN, CTL_WORDS, EVT_DATA,
+  EVT_END, EVT_ERRNO, EVT_KIND, EVT_N, EVT_N2, EVT_SEQ, MSG_BAD, MSG_END, MSG_ERROR, MSG_PACKET, P_DONE, P_IN_PACKET,
+  P_RELEASE, P_RES_HEAD, P_WAKE, RES_BASE, RES_SLOTS, RES_WORDS, SCRATCH_REGION, type SocketReadSummary, type SocketReadTask,
 } from './socket-reader.js';
+import { MULTIFD_PACKET_HEADER_LEN } from '../wire/constants.js';
 
 /**
  * A multifd connection read by its own thread (src/net/socket-reader.ts), as QEMU runs one
@@ -42,6 +44,39 @@ interface Internal { _handle?: Parked | null; _server?: (Server & { _connections
  * they are never closed (see above). A few hundred bytes per multifd connection.
  */
 const parked = new Set<Parked>();
+
+/** Memory a reader thread may read one packet's payload into, reserved by the parser. */
+export interface Reservation {
+  sab: SharedArrayBuffer;
+  offset: number;
+  /** Bytes (a packet's payload is at most 128 pages). */
+  capacity: number;
+}
+
+/**
+ * A parser that can hand a whole connection to its reader thread (packet mode): the
+ * multifd channel, between two packets.
+ */
+export interface PacketReader extends DirectReader {
+  /** Between two packets with nothing queued: the reader may take over from here. */
+  packetsReady(): boolean;
+  /** A payload area for a packet to come, or null (none now: asked again after each packet). */
+  reserve(): Reservation | null;
+  /** A reservation the reader will never fill (the connection ended). */
+  unreserve(r: Reservation): void;
+  /** One packet, whole: its header, and its payload (`payloadBytes`) in `res`. */
+  onReaderPacket(header: Buffer, payloadBytes: number, res: Reservation | null): void;
+  /** A header the reader could not size: decode it to the peer's error. */
+  onReaderBadHeader(header: Buffer): void;
+  /** EOF `into` bytes of a packet (0 at a packet boundary). */
+  onReaderEnd(into: number): void;
+  /** The reader is inside a packet (the peer owes bytes): set by the socket. */
+  midPacket?: () => boolean;
+  /** Reservations can be made again (a staging slot came back): set by the socket. */
+  onReservable?: () => void;
+}
+
+const isPacketReader = (r: DirectReader): r is PacketReader => typeof (r as Partial<PacketReader>).packetsReady === 'function';
 
 /** What the migration uses of a connection (a net.Socket has all of it). */
 export interface Conn extends EventEmitter {
@@ -90,6 +125,13 @@ export class ThreadedSocket extends EventEmitter implements Conn {
   #copyTo: Uint8Array | null = null;
   #timeoutMs = 0;
   #timer: NodeJS.Timeout | null = null;
+  /** Packet mode: the reader reads whole packets; reservations published, SYNCs processed. */
+  #packets = false;
+  readonly #res: (Reservation | null)[] = new Array<Reservation | null>(RES_SLOTS).fill(null);
+  #resHead = 0;
+  #resTail = 0;
+  #done = 0;
+  #syncs = 0;
   /** Reader thread's counters, once it ended. */
   summary: SocketReadSummary | null = null;
 
@@ -97,7 +139,11 @@ export class ThreadedSocket extends EventEmitter implements Conn {
     super();
     const ch = new MessageChannel();
     this.#port = ch.port1;
-    this.#port.on('message', () => this.#onEvent());
+    this.#port.on('message', (m: number | number[]) => this.#onMessage(m));
+    if (isPacketReader(r)) {
+      r.midPacket = () => this.#packets && Atomics.load(this.#ctl, P_IN_PACKET) === 1;
+      r.onReservable = () => this.refill();
+    }
     this.#unsubscribe = sabIds.onGone((uid) => { if (this.#sent.delete(uid)) this.#port.postMessage({ uid, evict: true }); });
     const task: SocketReadTask = { op: 'read', fd, ctl: this.#ctlSab, scratch: this.#scratchSab, port: ch.port2 };
     readers().run(task, { transferList: [ch.port2] }).then(
@@ -115,6 +161,11 @@ export class ThreadedSocket extends EventEmitter implements Conn {
 
   resume(): this {
     this.#paused = false;
+    if (this.#packets) {
+      // Released from a barrier: the reader may go past the SYNC packets taken so far.
+      if (Atomics.load(this.#ctl, P_RELEASE) !== this.#syncs) { Atomics.store(this.#ctl, P_RELEASE, this.#syncs); this.#wake(); }
+      return this;
+    }
     if (!this.#inEvent) this.#issue();
     return this;
   }
@@ -135,6 +186,7 @@ export class ThreadedSocket extends EventEmitter implements Conn {
     this.#ctl[CMD] = CMD_STOP;
     Atomics.add(this.#ctl, CMD_SEQ, 1);
     Atomics.notify(this.#ctl, CMD_SEQ);
+    this.#wake();
     // A reader idle in its event loop (no bytes coming) hears the stop on its port.
     this.#port.postMessage({ stop: true });
     return this;
@@ -143,7 +195,9 @@ export class ThreadedSocket extends EventEmitter implements Conn {
   #closed(server: Internal['_server']): void {
     // The reader's last word (its EOF, an error) may still be queued on the port: the task's
     // result came over piscina's own port, and two ports keep no order between them.
+    for (let m = receiveMessageOnPort(this.#port); m !== undefined; m = receiveMessageOnPort(this.#port)) this.#onMessage(m.message as number | number[]);
     this.#onEvent();
+    if (isPacketReader(this.r)) for (const res of this.#res.splice(0)) if (res) this.r.unreserve(res);
     this.#clearTimer();
     this.#unsubscribe();
     this.#port.close();
@@ -152,8 +206,85 @@ export class ThreadedSocket extends EventEmitter implements Conn {
     this.emit('close', false);
   }
 
+  #wake(): void {
+    Atomics.add(this.#ctl, P_WAKE, 1);
+    Atomics.notify(this.#ctl, P_WAKE);
+  }
+
+  #onMessage(m: number | number[]): void {
+    if (typeof m === 'number') { this.#onEvent(); return; }
+    if (this.#destroyed || this.#ended || !isPacketReader(this.r)) return;
+    const r = this.r;
+    this.#inEvent = true;
+    try {
+      this.#armTimer();
+      const kind = m[0]!;
+      if (kind === MSG_PACKET) {
+        const [, slot, resIdx, payload] = m as [number, number, number, number];
+        const header = Buffer.from(this.#scratch.subarray(slot * MULTIFD_PACKET_HEADER_LEN, (slot + 1) * MULTIFD_PACKET_HEADER_LEN));
+        let res: Reservation | null = null;
+        if (resIdx >= 0) { res = this.#res[resIdx]!; this.#res[resIdx] = null; this.#resTail++; }
+        // SYNC is bit 0 of the flags (bytes 8..11, big-endian): the reader waits for its release.
+        if (header[11]! & 1) this.#syncs++;
+        r.onReaderPacket(header, payload, res);
+        Atomics.store(this.#ctl, P_DONE, ++this.#done);
+        this.#topUp();
+        this.#wake();
+      } else if (kind === MSG_BAD) {
+        r.onReaderBadHeader(Buffer.from(this.#scratch.subarray(m[1]! * MULTIFD_PACKET_HEADER_LEN, (m[1]! + 1) * MULTIFD_PACKET_HEADER_LEN)));
+      } else if (kind === MSG_END) {
+        this.#ended = true;
+        this.#clearTimer();
+        r.onReaderEnd(m[1]! + m[2]!);
+        this.emit('end');
+      } else if (kind === MSG_ERROR) {
+        const errno = m[1]!;
+        let name = 'EIO';
+        try { name = getSystemErrorName(errno); } catch { /* not a libuv code */ }
+        this.#ended = true;
+        this.emit('error', Object.assign(new Error(`read ${name}`), { code: name, errno, syscall: 'read' }));
+      }
+    } finally {
+      this.#inEvent = false;
+    }
+  }
+
+  /** Publishes reservations until the ring is full or the parser has none to give. */
+  #topUp(): void {
+    const r = this.r as PacketReader;
+    const ctl = this.#ctl;
+    let added = false;
+    while (this.#resHead - this.#resTail < RES_SLOTS) {
+      const res = r.reserve();
+      if (!res) break;
+      const i = this.#resHead % RES_SLOTS;
+      this.#res[i] = res;
+      const uid = sabIds.uidOf(res.sab);
+      if (!this.#sent.has(uid)) { this.#port.postMessage({ uid, sab: res.sab }); this.#sent.add(uid); }
+      const e = RES_BASE + i * RES_WORDS;
+      ctl[e] = uid;
+      ctl[e + 1] = res.offset;
+      ctl[e + 2] = res.capacity;
+      this.#resHead++;
+      added = true;
+    }
+    if (added) { Atomics.store(ctl, P_RES_HEAD, this.#resHead); this.#wake(); }
+  }
+
+  /** Reservations may be available again (a staging slot came back): top the ring up. */
+  refill(): void { if (this.#packets && !this.#destroyed) this.#topUp(); }
+
   #issue(): void {
     if (this.#outstanding || this.#paused || this.#destroyed || this.#ended) return;
+    if (!this.#packets && isPacketReader(this.r) && this.r.packetsReady()) {
+      // From here the reader thread reads whole packets by itself.
+      this.#packets = true;
+      this.#topUp();
+      this.#ctl[CMD] = CMD_PACKETS;
+      Atomics.add(this.#ctl, CMD_SEQ, 1);
+      Atomics.notify(this.#ctl, CMD_SEQ);
+      return;
+    }
     const t = this.r.readTarget();
     const exact = this.r.readExact?.() ?? false;
     const ctl = this.#ctl;
