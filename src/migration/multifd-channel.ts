@@ -2,6 +2,7 @@ import { MigrationError, wireError } from '../errors.js';
 import { SLOT_BYTES, SLOT_INDEX_BYTES, SLOT_PAYLOAD_BYTES, type WriteMode, type WriteTask } from '../memory/page-writer.js';
 import type { RAMBlock } from '../memory/ram-block.js';
 import { chunksFor, slotRunLength, type Slab } from '../memory/slab.js';
+import { RES_PARTS } from '../net/socket-reader.js';
 import type { PacketReader, Reservation } from '../net/threaded-read.js';
 import { ByteQueue } from '../wire/byte-queue.js';
 import {
@@ -34,17 +35,19 @@ export interface ChannelSink {
   reservationSlab?(): Slab | undefined;
 }
 
-/** A payload area reserved for a reader thread: a run of page slots, or a staging slot. */
+/** A payload area reserved for a reader thread: runs of page slots, or a staging slot. */
 interface ChannelReservation extends Reservation {
-  /** First slot of a run of RESERVED_PAGES (-1: a staging slot). */
-  slot: number;
-  /** The staging slot's offset (-1: a run). */
+  /** The RESERVED_PAGES slots, in the order the payload fills them (empty: a staging slot). */
+  slots: Uint32Array | null;
+  /** The staging slot's offset (-1: runs). */
   staging: number;
   slab: Slab | null;
 }
 
 /** A reservation covers the largest packet QEMU sends (MULTIFD_PAGES_PER_PACKET). */
 const RESERVED_PAGES = MULTIFD_PAGES_PER_PACKET;
+/** Parts of a reservation a reader thread takes (RES_PARTS in src/net/socket-reader.ts). */
+const RES_PARTS_MAX = RES_PARTS;
 
 const EMPTY = new Uint8Array(0);
 /** A read that is not a header or a direct payload: Node's own read size. */
@@ -393,19 +396,39 @@ export class MultiFDChannel implements PacketReader {
   reserve(): ChannelReservation | null {
     const slab = this.sink.reservationSlab?.();
     if (slab && slab.chunkSlots >= RESERVED_PAGES) {
-      const first = slab.allocRun(RESERVED_PAGES, true);
-      if (first >= 0) {
-        return { sab: slab.chunks[first >>> slab.chunkSlotBits]!, offset: slab.offset(first), capacity: RESERVED_PAGES * TARGET_PAGE_SIZE, slot: first, staging: -1, slab };
+      // Runs the slab has free, longest first down to DIRECT_PAGES_PER_RUN: lowest first,
+      // they are memory already mapped (freed by commits, or prefaulted between checkpoints),
+      // where a fresh run would make the reader's copy fault its pages in. A new chunk only
+      // when the free slots are too scattered.
+      const slots = new Uint32Array(RESERVED_PAGES);
+      const parts: Reservation['parts'] = [];
+      let n = 0, want = RESERVED_PAGES;
+      while (n < RESERVED_PAGES && parts.length < RES_PARTS_MAX) {
+        want = Math.min(want, RESERVED_PAGES - n);
+        const first = slab.allocRun(want, want === RESERVED_PAGES - n && parts.length === RES_PARTS_MAX - 1);
+        if (first < 0) {
+          if (want > DIRECT_PAGES_PER_RUN) { want >>= 1; continue; }
+          break;
+        }
+        parts.push({ sab: slab.chunks[first >>> slab.chunkSlotBits]!, offset: slab.offset(first), bytes: want * TARGET_PAGE_SIZE });
+        for (let k = 0; k < want; k++) slots[n++] = first + k;
+      }
+      if (n === RESERVED_PAGES) return { parts, slots, staging: -1, slab };
+      for (let k = 0; k < n; k++) slab.free(slots[k]!);
+      const whole = slab.allocRun(RESERVED_PAGES, true);
+      if (whole >= 0) {
+        for (let k = 0; k < RESERVED_PAGES; k++) slots[k] = whole + k;
+        return { parts: [{ sab: slab.chunks[whole >>> slab.chunkSlotBits]!, offset: slab.offset(whole), bytes: RESERVED_PAGES * TARGET_PAGE_SIZE }], slots, staging: -1, slab };
       }
     }
     const st = this.#free.pop();
     if (st === undefined) return null;
-    return { sab: this.staging, offset: st + SLOT_INDEX_BYTES, capacity: SLOT_PAYLOAD_BYTES, slot: -1, staging: st, slab: null };
+    return { parts: [{ sab: this.staging, offset: st + SLOT_INDEX_BYTES, bytes: SLOT_PAYLOAD_BYTES }], slots: null, staging: st, slab: null };
   }
 
   unreserve(r: Reservation): void {
     const res = r as ChannelReservation;
-    if (res.slab) for (let k = 0; k < RESERVED_PAGES; k++) res.slab.free(res.slot + k);
+    if (res.slab && res.slots) for (const s of res.slots) res.slab.free(s);
     else this.#free.push(res.staging);
   }
 
@@ -429,10 +452,10 @@ export class MultiFDChannel implements PacketReader {
         throw e;
       }
       this.q.consumedElsewhere(payloadBytes);
-      if (block && res && res.slab) {
+      if (block && res && res.slab && res.slots) {
         const mode = this.sink.writeMode();
-        for (let k = 0; k < p.normalPages; k++) block.adoptSlot(p.offsets[k]! / TARGET_PAGE_SIZE, mode, res.slot + k);
-        for (let k = p.normalPages; k < RESERVED_PAGES; k++) res.slab.free(res.slot + k);
+        for (let k = 0; k < p.normalPages; k++) block.adoptSlot(p.offsets[k]! / TARGET_PAGE_SIZE, mode, res.slots[k]!);
+        for (let k = p.normalPages; k < RESERVED_PAGES; k++) res.slab.free(res.slots[k]!);
         this.#placeZeroPages(p, block, mode);
         this.directPages += p.normalPages;
       } else if (block && res) {

@@ -57,7 +57,13 @@ export const P_RELEASE = 19;
 /** 1 from a packet's first header byte until its payload is in (the peer owes us bytes). */
 export const P_IN_PACKET = 20;
 export const RES_BASE = 24;
-export const RES_WORDS = 3;
+/**
+ * A reservation: its part count, then per part (region, offset, bytes). Parts are runs of
+ * page slots (8 pages or more, as the slab has them free: memory it already mapped), so a
+ * payload may be read in up to RES_PARTS reads.
+ */
+export const RES_PARTS = 16;
+export const RES_WORDS = 1 + 3 * RES_PARTS;
 export const RES_SLOTS = 4;
 export const HDR_SLOTS = 8;
 export const CTL_WORDS = RES_BASE + RES_WORDS * RES_SLOTS;
@@ -121,6 +127,9 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
   let syncs = 0;
   let payLen = 0;
   let hdrGot = 0;
+  /** The reservation part the payload is being read into, and bytes of the payload before it. */
+  let part = 0;
+  let partStart = 0;
 
   const onMessage = (m: PortMessage) => {
     if (m.stop) stopping = true;
@@ -188,12 +197,20 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
         return scratch.subarray(at + hdrGot, at + MULTIFD_PACKET_HEADER_LEN);
       }
       // payload
-      if (got === 0) waitFor(() => Atomics.load(ctl, P_RES_HEAD) > resTail);
+      if (got === 0) { waitFor(() => Atomics.load(ctl, P_RES_HEAD) > resTail); part = 0; partStart = 0; }
       if (stopping) return null;
       const e = RES_BASE + (resTail % RES_SLOTS) * RES_WORDS;
-      const r = region(ctl[e]!);
-      const at = ctl[e + 1]!;
-      return r.subarray(at + got, at + payLen);
+      for (;;) {
+        if (part >= ctl[e]!) throw new Error(`socket reader: a payload of ${payLen} bytes is larger than its reservation`);
+        const q = e + 1 + 3 * part;
+        const bytes = ctl[q + 2]!;
+        if (got < partStart + bytes) {
+          const at = ctl[q + 1]! + (got - partStart);
+          return region(ctl[q]!).subarray(at, at + Math.min(partStart + bytes, payLen) - got);
+        }
+        partStart += bytes;
+        part++;
+      }
     }
   };
   const packetDone = () => {

@@ -10,7 +10,7 @@ import type { DirectReader } from './direct-read.js';
 import {
   CMD, CMD_EXACT, CMD_LENGTH, CMD_OFFSET, CMD_PACKETS, CMD_READ, CMD_REGION, CMD_SEQ, CMD_STOP, CMD_THEN, CTL_WORDS, EVT_DATA,
   EVT_END, EVT_ERRNO, EVT_KIND, EVT_N, EVT_N2, EVT_SEQ, MSG_BAD, MSG_END, MSG_ERROR, MSG_PACKET, P_DONE, P_IN_PACKET,
-  P_RELEASE, P_RES_HEAD, P_WAKE, RES_BASE, RES_SLOTS, RES_WORDS, SCRATCH_REGION, type SocketReadSummary, type SocketReadTask,
+  P_RELEASE, P_RES_HEAD, P_WAKE, RES_BASE, RES_PARTS, RES_SLOTS, RES_WORDS, SCRATCH_REGION, type SocketReadSummary, type SocketReadTask,
 } from './socket-reader.js';
 import { MULTIFD_PACKET_HEADER_LEN } from '../wire/constants.js';
 
@@ -45,12 +45,10 @@ interface Internal { _handle?: Parked | null; _server?: (Server & { _connections
  */
 const parked = new Set<Parked>();
 
-/** Memory a reader thread may read one packet's payload into, reserved by the parser. */
+/** Memory a reader thread may read one packet's payload into, in order, reserved by the parser. */
 export interface Reservation {
-  sab: SharedArrayBuffer;
-  offset: number;
-  /** Bytes (a packet's payload is at most 128 pages). */
-  capacity: number;
+  /** At most RES_PARTS; together at least the largest payload (128 pages). */
+  parts: { sab: SharedArrayBuffer; offset: number; bytes: number }[];
 }
 
 /**
@@ -259,12 +257,16 @@ export class ThreadedSocket extends EventEmitter implements Conn {
       if (!res) break;
       const i = this.#resHead % RES_SLOTS;
       this.#res[i] = res;
-      const uid = sabIds.uidOf(res.sab);
-      if (!this.#sent.has(uid)) { this.#port.postMessage({ uid, sab: res.sab }); this.#sent.add(uid); }
       const e = RES_BASE + i * RES_WORDS;
-      ctl[e] = uid;
-      ctl[e + 1] = res.offset;
-      ctl[e + 2] = res.capacity;
+      if (res.parts.length > RES_PARTS) throw new Error(`reservation of ${res.parts.length} parts (max ${RES_PARTS})`);
+      ctl[e] = res.parts.length;
+      for (const [j, part] of res.parts.entries()) {
+        const uid = sabIds.uidOf(part.sab);
+        if (!this.#sent.has(uid)) { this.#port.postMessage({ uid, sab: part.sab }); this.#sent.add(uid); }
+        ctl[e + 1 + 3 * j] = uid;
+        ctl[e + 2 + 3 * j] = part.offset;
+        ctl[e + 3 + 3 * j] = part.bytes;
+      }
       this.#resHead++;
       added = true;
     }
