@@ -111,21 +111,8 @@ export class Slab {
    * a run, so memory still follows the data. A multifd packet's payload is read by the
    * kernel straight into such a run (src/migration/multifd-channel.ts).
    */
-  allocRun(n: number, grow = false): number {
+  allocRun(n: number): number {
     if (n < 2 || n > this.chunkSlots) return -1;
-    const found = this.#findRun(n);
-    if (found >= 0 || !grow) return found;
-    // A reader thread's reserved run (src/net/threaded-read.ts): a chunk is added for it, as
-    // alloc() adds one for a page, unless --max-memory forbids it (then -1: staging instead).
-    if (this.#live + 1 > this.maxChunks) return -1;
-    let c = this.chunks.indexOf(null);
-    if (c < 0) c = this.chunks.length;
-    this.#addChunk(c);
-    if (c < this.#lowest) this.#lowest = c;
-    return this.#findRun(n);
-  }
-
-  #findRun(n: number): number {
     for (let c = this.#lowest; c < this.chunks.length; c++) {
       if (this.chunks[c] === null || this.#nfree[c]! < n || this.#noRun[c]! <= n) continue;
       const bits = this.#free[c]!;

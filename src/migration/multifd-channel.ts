@@ -395,31 +395,41 @@ export class MultiFDChannel implements PacketReader {
    */
   reserve(): ChannelReservation | null {
     const slab = this.sink.reservationSlab?.();
-    if (slab && slab.chunkSlots >= RESERVED_PAGES) {
-      // Runs the slab has free, longest first down to DIRECT_PAGES_PER_RUN: lowest first,
-      // they are memory already mapped (freed by commits, or prefaulted between checkpoints),
-      // where a fresh run would make the reader's copy fault its pages in. A new chunk only
-      // when the free slots are too scattered.
+    if (slab) {
+      // As #placePages takes slots: runs of free slots, longest first down to
+      // DIRECT_PAGES_PER_RUN, then single slots, which fill the holes commits leave (memory
+      // already mapped; without them the slab would grow with fragmentation). Consecutive
+      // singles join into one part; each part is one read for the reader thread.
       const slots = new Uint32Array(RESERVED_PAGES);
       const parts: Reservation['parts'] = [];
-      let n = 0, want = RESERVED_PAGES;
-      while (n < RESERVED_PAGES && parts.length < RES_PARTS_MAX) {
-        want = Math.min(want, RESERVED_PAGES - n);
-        const first = slab.allocRun(want, want === RESERVED_PAGES - n && parts.length === RES_PARTS_MAX - 1);
-        if (first < 0) {
-          if (want > DIRECT_PAGES_PER_RUN) { want >>= 1; continue; }
-          break;
+      let n = 0, want = RESERVED_PAGES, last = -2;
+      try {
+        while (n < RESERVED_PAGES && parts.length <= RES_PARTS_MAX) {
+          want = Math.min(want, RESERVED_PAGES - n);
+          let first = -1, len = 1;
+          if (want >= DIRECT_PAGES_PER_RUN) {
+            first = slab.allocRun(want);
+            if (first < 0) { want >>= 1; continue; }
+            len = want;
+          } else {
+            first = slab.alloc();
+          }
+          if (first === last + 1 && (first >>> slab.chunkSlotBits) === (last >>> slab.chunkSlotBits)) {
+            parts[parts.length - 1]!.bytes += len * TARGET_PAGE_SIZE;
+          } else if (parts.length < RES_PARTS_MAX) {
+            parts.push({ sab: slab.chunks[first >>> slab.chunkSlotBits]!, offset: slab.offset(first), bytes: len * TARGET_PAGE_SIZE });
+          } else {
+            for (let k = 0; k < len; k++) slab.free(first + k);
+            break;
+          }
+          for (let k = 0; k < len; k++) slots[n++] = first + k;
+          last = first + len - 1;
         }
-        parts.push({ sab: slab.chunks[first >>> slab.chunkSlotBits]!, offset: slab.offset(first), bytes: want * TARGET_PAGE_SIZE });
-        for (let k = 0; k < want; k++) slots[n++] = first + k;
+      } catch {
+        // --max-memory: the packet takes a staging slot; placing its pages reports ERR_LIMIT.
       }
       if (n === RESERVED_PAGES) return { parts, slots, staging: -1, slab };
       for (let k = 0; k < n; k++) slab.free(slots[k]!);
-      const whole = slab.allocRun(RESERVED_PAGES, true);
-      if (whole >= 0) {
-        for (let k = 0; k < RESERVED_PAGES; k++) slots[k] = whole + k;
-        return { parts: [{ sab: slab.chunks[whole >>> slab.chunkSlotBits]!, offset: slab.offset(whole), bytes: RESERVED_PAGES * TARGET_PAGE_SIZE }], slots, staging: -1, slab };
-      }
     }
     const st = this.#free.pop();
     if (st === undefined) return null;

@@ -59,10 +59,10 @@ export const P_IN_PACKET = 20;
 export const RES_BASE = 24;
 /**
  * A reservation: its part count, then per part (region, offset, bytes). Parts are runs of
- * page slots (8 pages or more, as the slab has them free: memory it already mapped), so a
+ * page slots as the slab has them free (long runs first, then the holes commits left), so a
  * payload may be read in up to RES_PARTS reads.
  */
-export const RES_PARTS = 16;
+export const RES_PARTS = 32;
 export const RES_WORDS = 1 + 3 * RES_PARTS;
 export const RES_SLOTS = 4;
 export const HDR_SLOTS = 8;
