@@ -18,16 +18,21 @@ import { MULTIFD_PACKET_HEADER_LEN } from '../wire/constants.js';
  * A multifd connection read by its own thread (src/net/socket-reader.ts), as QEMU runs one
  * multifd_recv_thread per channel: on the main thread the kernel's socket copy was the largest
  * single cost of a multifd checkpoint (perf: `_copy_to_iter` 26–38 % of the thread, for all
- * channels at once). The parser stays on the main thread and says where each read goes
- * (DirectReader: a header's bytes, a run of page slots); the reader thread fills it and
- * answers once. Nothing but this file and the reader knows; the migration sees a socket that
- * pauses, resumes, times out, ends and is destroyed.
+ * channels at once). The parser and the page table stay on the main thread.
+ *
+ * Two modes. Command mode, for the bytes before the first packet boundary: the parser says
+ * where each read goes (DirectReader), the reader fills it and answers once. Packet mode, from
+ * a packet boundary on (PacketReader): the parser keeps a few payload areas reserved ahead
+ * (runs of free page slots), the reader reads each packet's header and payload by itself and
+ * the parser hears of the packet once it is whole; it waits for the parser only at a SYNC (the
+ * barrier) or when every reservation is in use. The migration sees a socket that pauses,
+ * resumes, times out, ends and is destroyed.
  *
  * Node cannot move a socket to another thread, so the reader opens a second handle on the
  * same descriptor. The main thread's handle is parked: reading stopped, detached from its
  * Socket and never closed, because the reader's handle closes the descriptor, and closing it
- * twice could close whatever connection reused the number. `directReadReady` checks all of
- * it at startup; `COLO_READER_THREADS=0` keeps every read on the main thread.
+ * twice could close whatever connection reused the number. readerThreadsSelfTest() checks it
+ * all at startup; `COLO_READER_THREADS=0` keeps every read on the main thread.
  */
 
 const WORKER_URL = new URL('../../workers/socket-reader.js', import.meta.url).href;

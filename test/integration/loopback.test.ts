@@ -41,3 +41,22 @@ test('7.2 layout, 0 channels learned with an io timeout shorter than the learnin
   const { mig } = await precopyRoundTrip({ ioTimeoutMs: 300 }, { layout: '7.2', channels: 0, iterations: 2, seed: 41, memory: { ramMiB: 8 } });
   assert.equal(mig.channels.length, 0);
 });
+
+// Reader threads are the default for multifd connections; the main-thread direct reads stay as
+// the path for COLO_READER_THREADS=0 (and wherever the reader self-test fails): both stay byte-exact.
+describe('precopy over loopback, multifd read on the main thread (COLO_READER_THREADS=0)', () => {
+  for (const c of [{ layout: '7.2', channels: 4 }, { layout: '10.x', channels: 4 }] as const) {
+    test(`${c.layout} layout, ${c.channels} channels: byte-exact`, async () => {
+      const before = process.env.COLO_READER_THREADS;
+      process.env.COLO_READER_THREADS = '0';
+      try {
+        const { mig } = await precopyRoundTrip({ multifdChannels: c.channels },
+          { layout: c.layout, channels: c.channels, iterations: 3, seed: 11, memory: { ramMiB: 32 } });
+        const s = mig.summary() as { channels: { directPages?: number }[] };
+        assert.ok(s.channels.slice(1).every((ch) => (ch.directPages ?? 0) > 0), 'payloads read straight into page slots');
+      } finally {
+        if (before === undefined) delete process.env.COLO_READER_THREADS; else process.env.COLO_READER_THREADS = before;
+      }
+    });
+  }
+});
