@@ -699,7 +699,7 @@ export class IncomingMigration extends EventEmitter {
       zeroPages,
       channels: [
         { channel: 'main', bytes: mainBytes, pages: this.#ram.pages, zeroPages: this.#ram.zeroPages },
-        ...chans.map((c) => ({ channel: c.name, bytes: c.bytes, pages: c.pages, zeroPages: c.zeroPages, packets: c.packets, syncs: c.syncs, directPages: c.directPages })),
+        ...chans.map((c) => ({ channel: c.name, bytes: c.bytes, pages: c.pages, zeroPages: c.zeroPages, packets: c.packets, syncs: c.syncs, directPages: c.directPages, threadPackets: c.threadPackets })),
       ],
       blocks: this.blocks.blocks.map((b) => ({ idstr: b.idstr, usedLength: b.usedLength })),
       memory: this.memoryStats(),

@@ -106,6 +106,8 @@ export class MultiFDChannel implements PacketReader {
   syncNum = -1;
   /** Pages read by the kernel straight into their slots (no staging, no page writer). */
   directPages = 0;
+  /** Packets its reader thread read whole (packet mode, src/net/threaded-read.ts). */
+  threadPackets = 0;
 
   /** Slots of the current packet's normal pages, before it is known where its payload goes. */
   readonly #placed = new Uint32Array(MAX_PACKET_PAGES);
@@ -202,15 +204,6 @@ export class MultiFDChannel implements PacketReader {
 
   /** The last target is a payload run or slot: nothing in it is usable until it is full. */
   readExact(): boolean { return this.#readExact; }
-
-  /**
-   * The last target ends a packet that is not a SYNC: the next header may be read with it.
-   * (After a SYNC the channel parks; its next bytes wait for the barrier.)
-   */
-  readThen(): number {
-    if (!this.#readDirect || this.#pkt === null || (this.#pkt.flags & MULTIFD_FLAG_SYNC) !== 0) return 0;
-    return this.#state === St.Payload || (this.#state === St.Direct && this.#run === this.#runs - 1) ? MULTIFD_PACKET_HEADER_LEN : 0;
-  }
 
   onDirectRead(n: number): void {
     if (this.#state === St.Failed) return;
@@ -450,6 +443,7 @@ export class MultiFDChannel implements PacketReader {
   onReaderPacket(header: Buffer, payloadBytes: number, r: Reservation | null): void {
     if (this.#state === St.Failed) { if (r) this.unreserve(r); return; }
     const res = r as ChannelReservation | null;
+    this.threadPackets++;
     try {
       this.#pktAt = this.q.consumed;
       this.q.consumedElsewhere(MULTIFD_PACKET_HEADER_LEN);

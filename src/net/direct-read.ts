@@ -26,11 +26,6 @@ export interface DirectReader {
    * page slots): a reader thread then answers once, when it is full (src/net/threaded-read.ts).
    */
   readExact?(): boolean;
-  /**
-   * Bytes to read right after the last target is full, before answering (a reader thread
-   * only): the next packet's header after a payload. 0: none.
-   */
-  readThen?(): number;
 }
 
 interface Internal { _handle?: { useUserBuffer?: unknown; readStop?: () => number; reading?: boolean } | null; _server?: (Server & { _connections: number }) | null }

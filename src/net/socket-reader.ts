@@ -23,20 +23,12 @@ export const CMD_REGION = 2;
 export const CMD_OFFSET = 3;
 export const CMD_LENGTH = 4;
 export const CMD_EXACT = 5;
-/**
- * After an exact target is full, read up to this many bytes into the scratch buffer and answer
- * for both at once (0: answer at once). The main thread asks for it when the target ends a
- * packet's payload, so the next packet's header comes with it: one wake-up per packet, not two.
- */
-export const CMD_THEN = 6;
 export const EVT_SEQ = 8;
 export const EVT_KIND = 9;
 /** Bytes that landed in the command's target. */
 export const EVT_N = 10;
 /** errno (negative libuv code) of an EVT_ERROR. */
 export const EVT_ERRNO = 11;
-/** Bytes of the follow-up read (CMD_THEN), at the start of the scratch buffer. */
-export const EVT_N2 = 12;
 
 /**
  * Packet mode (CMD_PACKETS, once the parser stands between two multifd packets): from then on
@@ -110,10 +102,6 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
   let target: Uint8Array | null = null;
   let exact = false;
   let got = 0;
-  /** Follow-up read asked for, and what the command's own target took once it was full. */
-  let then = 0;
-  let first = 0;
-  let inThen = false;
   let stopping = false;
   const sum: SocketReadSummary = { bytes: 0, reads: 0, wakes: 0, packets: 0 };
   // Bytes read after a stop are dropped: the main thread has let the connection go.
@@ -147,11 +135,9 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
   };
   const report = (kind: number, errno = 0) => {
     ctl[EVT_KIND] = kind;
-    ctl[EVT_N] = inThen ? first : got;
-    ctl[EVT_N2] = inThen ? got : 0;
+    ctl[EVT_N] = got;
     ctl[EVT_ERRNO] = errno;
     target = null;
-    inThen = false;
     // The stores above, and the kernel's bytes in the target, happen-before this one.
     Atomics.add(ctl, EVT_SEQ, 1);
     // The main thread is woken by a message: its event loop hears a port at once, where an
@@ -168,7 +154,6 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
     if (ctl[CMD] !== CMD_READ) { stopping = true; return; }
     target = region(ctl[CMD_REGION]!).subarray(ctl[CMD_OFFSET]!, ctl[CMD_OFFSET]! + ctl[CMD_LENGTH]!);
     exact = ctl[CMD_EXACT] === 1;
-    then = exact && ctl[CMD_REGION] !== SCRATCH_REGION ? ctl[CMD_THEN]! : 0;
     got = 0;
   };
   /** Waits until `ready()` or a stop; the main thread bumps P_WAKE after every change. */
@@ -274,16 +259,7 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
           if (packets) { onPacketBytes(n); return true; }
           if (target === null) return false;
           got += n;
-          if (got === target.length && then > 0 && !inThen) {
-            // The payload is in; the next header goes to the scratch buffer before answering.
-            inThen = true;
-            first = got;
-            got = 0;
-            target = scratch.subarray(0, then);
-            exact = false;
-          } else if (got === target.length || !exact) {
-            report(EVT_DATA);
-          }
+          if (got === target.length || !exact) report(EVT_DATA);
           // A stop the main thread wrote while this target was being filled.
           if (Atomics.load(ctl, CMD_SEQ) !== seen) { drainPort(); if (ctl[CMD] === CMD_STOP || stopping) { stopping = true; queueMicrotask(stop); return false; } }
           return true;

@@ -8,8 +8,8 @@ import type { Logger } from '../log.js';
 import { sabIds } from '../pool/sab-ids.js';
 import type { DirectReader } from './direct-read.js';
 import {
-  CMD, CMD_EXACT, CMD_LENGTH, CMD_OFFSET, CMD_PACKETS, CMD_READ, CMD_REGION, CMD_SEQ, CMD_STOP, CMD_THEN, CTL_WORDS, EVT_DATA,
-  EVT_END, EVT_ERRNO, EVT_KIND, EVT_N, EVT_N2, EVT_SEQ, MSG_BAD, MSG_END, MSG_ERROR, MSG_PACKET, P_DONE, P_IN_PACKET,
+  CMD, CMD_EXACT, CMD_LENGTH, CMD_OFFSET, CMD_PACKETS, CMD_READ, CMD_REGION, CMD_SEQ, CMD_STOP, CTL_WORDS, EVT_DATA,
+  EVT_END, EVT_ERRNO, EVT_KIND, EVT_N, EVT_SEQ, MSG_BAD, MSG_END, MSG_ERROR, MSG_PACKET, P_DONE, P_IN_PACKET,
   P_RELEASE, P_RES_HEAD, P_WAKE, RES_BASE, RES_PARTS, RES_SLOTS, RES_WORDS, SCRATCH_REGION, type SocketReadSummary, type SocketReadTask,
 } from './socket-reader.js';
 import { MULTIFD_PACKET_HEADER_LEN } from '../wire/constants.js';
@@ -32,7 +32,7 @@ import { MULTIFD_PACKET_HEADER_LEN } from '../wire/constants.js';
  * same descriptor. The main thread's handle is parked: reading stopped, detached from its
  * Socket and never closed, because the reader's handle closes the descriptor, and closing it
  * twice could close whatever connection reused the number. readerThreadsSelfTest() checks it
- * all at startup; `COLO_READER_THREADS=0` keeps every read on the main thread.
+ * all at startup. Used from READER_THREADS_MIN_CORES cores on; `COLO_READER_THREADS=1|0` forces it.
  */
 
 const WORKER_URL = new URL('../../workers/socket-reader.js', import.meta.url).href;
@@ -310,7 +310,6 @@ export class ThreadedSocket extends EventEmitter implements Conn {
     }
     // A target larger than the scratch buffer is read in parts: each part is a complete read.
     ctl[CMD_EXACT] = exact && ctl[CMD_LENGTH] === t.length ? 1 : 0;
-    ctl[CMD_THEN] = this.#copyTo === null ? Math.min(this.r.readThen?.() ?? 0, SCRATCH_BYTES) : 0;
     ctl[CMD] = CMD_READ;
     this.#outstanding = true;
     Atomics.add(ctl, CMD_SEQ, 1);
@@ -323,22 +322,13 @@ export class ThreadedSocket extends EventEmitter implements Conn {
     this.#evt = Atomics.load(ctl, EVT_SEQ);
     this.#outstanding = false;
     if (this.#destroyed) return;
-    const kind = ctl[EVT_KIND]!, n = ctl[EVT_N]!, n2 = ctl[EVT_N2]!;
+    const kind = ctl[EVT_KIND]!, n = ctl[EVT_N]!;
     this.#inEvent = true;
     try {
       if (n > 0) {
         if (this.#copyTo) this.#copyTo.set(this.#scratch.subarray(0, n));
         this.#armTimer();
         this.r.onDirectRead(n);
-      }
-      // The follow-up read (a header): handed over wherever the parser now wants bytes, in
-      // as many parts as its targets take, so nothing is lost whatever state it is in.
-      for (let at = 0; at < n2;) {
-        const t = this.r.readTarget();
-        const k = Math.min(n2 - at, t.length);
-        t.set(this.#scratch.subarray(at, at + k));
-        at += k;
-        this.r.onDirectRead(k);
       }
       if (kind === EVT_END) { this.#ended = true; this.#clearTimer(); this.emit('end'); }
       else if (kind !== EVT_DATA) {
@@ -399,12 +389,31 @@ function adopt(sock: Socket & Internal, r: DirectReader): { sock: ThreadedSocket
 }
 
 /**
- * A reader thread for this socket, or null (not a plain TCP socket, the self-test did not
- * pass, or `COLO_READER_THREADS=0`). Bytes the socket had buffered are returned for the caller
- * to consume first; the ThreadedSocket starts paused.
+ * Cores below which multifd connections stay on the main thread by default. Measured on the
+ * project's 2-core machine (primary and receiver sharing it), a real QEMU 7.2 COLO multifd-4
+ * checkpoint under load took 1.42–1.45x QEMU's C secondary with reader threads and 1.19x
+ * with the main thread reading (bench/README.md): the threads' hand-offs cost more than two
+ * cores give back, while the main thread's CPU per checkpoint fell by half. With four cores
+ * there is one for the main thread, the page writers and the readers to run beside each other
+ * (not measured here: no such machine).
+ */
+export const READER_THREADS_MIN_CORES = 4;
+
+/** `COLO_READER_THREADS=1|0` forces reader threads on or off; otherwise by core count. */
+export function readerThreadsWanted(): boolean {
+  const v = process.env.COLO_READER_THREADS;
+  if (v === '1') return true;
+  if (v === '0') return false;
+  return availableParallelism() >= READER_THREADS_MIN_CORES;
+}
+
+/**
+ * A reader thread for this socket, or null (not wanted, not a plain TCP socket, or the
+ * self-test did not pass). Bytes the socket had buffered are returned for the caller to
+ * consume first; the ThreadedSocket starts paused.
  */
 export function adoptForThreadedRead(sock: unknown, r: DirectReader): { sock: ThreadedSocket; buffered: Buffer[] } | null {
-  if (state !== 'ok' || process.env.COLO_READER_THREADS === '0' || !adoptable(sock)) return null;
+  if (state !== 'ok' || !readerThreadsWanted() || !adoptable(sock)) return null;
   return adopt(sock, r);
 }
 
@@ -414,21 +423,20 @@ export function adoptForThreadedRead(sock: unknown, r: DirectReader): { sock: Th
  * the server's connection count behave (and starts the first reader thread).
  */
 export async function readerThreadsSelfTest(log?: Logger): Promise<boolean> {
-  if (state !== 'untested') return state === 'ok';
-  if (process.env.COLO_READER_THREADS === '0') {
-    state = 'off';
-    reason = 'COLO_READER_THREADS=0';
-  } else {
-    try {
-      await selfTest();
-      state = 'ok';
-    } catch (e) {
-      state = 'off';
-      reason = e instanceof Error ? e.message : String(e);
-    }
+  if (!readerThreadsWanted()) {
+    log?.debug({ cores: availableParallelism(), minCores: READER_THREADS_MIN_CORES }, 'multifd connections read on the main thread (COLO_READER_THREADS=1: a thread each)');
+    return false;
   }
-  if (state === 'ok') log?.debug({ threads: availableParallelism() }, 'multifd connections read by their own threads (self-test passed)');
-  else if (process.env.COLO_READER_THREADS !== '0') log?.warn({ reason }, 'multifd reader threads unavailable: channels are read on the main thread');
+  if (state !== 'untested') return state === 'ok';
+  try {
+    await selfTest();
+    state = 'ok';
+  } catch (e) {
+    state = 'off';
+    reason = e instanceof Error ? e.message : String(e);
+  }
+  if (state === 'ok') log?.debug({ cores: availableParallelism() }, 'multifd connections read by a thread each (self-test passed)');
+  else log?.warn({ reason }, 'multifd reader threads unavailable: channels are read on the main thread');
   return state === 'ok';
 }
 

@@ -46,6 +46,8 @@ export interface TrialOptions {
   keepDir?: boolean;
   /** Progress messages. */
   log?: (msg: string) => void;
+  /** Extra environment for the receiver (e.g. COLO_READER_THREADS=1). */
+  receiverEnv?: Record<string, string>;
   guest?: GuestImage;
   /** QEMU binary for the primary and the destination (default qemuBinary(): 7.2 or $QEMU). */
   binary?: string;
@@ -86,6 +88,8 @@ export interface TrialResult {
   receiverSaid: string;
   /** Checkpoint the receiver discarded (in flight at the kill), or null. */
   discarded: number | null;
+  /** multifd packets read whole by reader threads (stats-json channels). */
+  threadPackets?: number;
   /** Committed checkpoint (stats-json failover.checkpoint). */
   committed: number;
   receiverExit: number | null;
@@ -297,7 +301,7 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
       '--multifd-channels', String(channels), '--on-failover', `resume=${o.tls ? 'tls+' : ''}tcp:127.0.0.1:${destPort}`, '--stats-json', statsPath,
       ...(o.tls ? ['--tls-creds', o.tls.serverDir, '--tls-authz', o.tls.clientDn.replace(/,/g, ',,'), '--resume-tls-creds', o.tls.clientDir] : []),
       ...(o.disk ? ['--nbd', '127.0.0.1:0', '--disk', `colo-disk0=${diskPath}`] : []),
-    ]);
+    ], o.receiverEnv ?? {});
     recvRef = recv;
     cleanups.push(() => recv.kill());
     const port = await recv.port();
@@ -416,12 +420,13 @@ export async function runFailoverTrial(o: TrialOptions): Promise<TrialResult> {
     res.discarded = dm ? Number(dm[1]) : null;
     const errors = recv.lines.filter((l) => Number(l.level) >= 50);
     if (errors.length) problems.push(`receiver error lines: ${JSON.stringify(errors).slice(0, 1000)}`);
-    let stats: { committedCheckpoint?: number; failover?: { ms: number; bytes: number; checkpoint: number } } = {};
+    let stats: { committedCheckpoint?: number; failover?: { ms: number; bytes: number; checkpoint: number }; channels?: { channel: string; packets?: number; threadPackets?: number }[] } = {};
     try {
       stats = JSON.parse(await readFile(statsPath, 'utf8')) as typeof stats;
     } catch (e) {
       problems.push(`stats-json not readable: ${(e as Error).message}`);
     }
+    res.threadPackets = (stats.channels ?? []).reduce((n, c) => n + (c.threadPackets ?? 0), 0);
     if (stats.failover) {
       res.committed = stats.failover.checkpoint;
       res.deliveredMs = stats.failover.ms;

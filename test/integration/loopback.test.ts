@@ -42,21 +42,27 @@ test('7.2 layout, 0 channels learned with an io timeout shorter than the learnin
   assert.equal(mig.channels.length, 0);
 });
 
-// Reader threads are the default for multifd connections; the main-thread direct reads stay as
-// the path for COLO_READER_THREADS=0 (and wherever the reader self-test fails): both stay byte-exact.
-describe('precopy over loopback, multifd read on the main thread (COLO_READER_THREADS=0)', () => {
-  for (const c of [{ layout: '7.2', channels: 4 }, { layout: '10.x', channels: 4 }] as const) {
-    test(`${c.layout} layout, ${c.channels} channels: byte-exact`, async () => {
-      const before = process.env.COLO_READER_THREADS;
-      process.env.COLO_READER_THREADS = '0';
-      try {
-        const { mig } = await precopyRoundTrip({ multifdChannels: c.channels },
-          { layout: c.layout, channels: c.channels, iterations: 3, seed: 11, memory: { ramMiB: 32 } });
-        const s = mig.summary() as { channels: { directPages?: number }[] };
-        assert.ok(s.channels.slice(1).every((ch) => (ch.directPages ?? 0) > 0), 'payloads read straight into page slots');
-      } finally {
-        if (before === undefined) delete process.env.COLO_READER_THREADS; else process.env.COLO_READER_THREADS = before;
-      }
-    });
-  }
-});
+// Reader threads (one per multifd connection) are the default from 4 cores on, main-thread reads
+// below that (READER_THREADS_MIN_CORES): both are forced here, whatever this machine has, and
+// must stay byte-exact.
+for (const forced of ['1', '0'] as const) {
+  describe(`precopy over loopback, multifd ${forced === '1' ? 'read by a thread per connection' : 'read on the main thread'} (COLO_READER_THREADS=${forced})`, () => {
+    for (const c of [{ layout: '7.2', channels: 1 }, { layout: '7.2', channels: 4 }, { layout: '10.x', channels: 8 }] as const) {
+      test(`${c.layout} layout, ${c.channels} channel(s): byte-exact, payloads straight into page slots`, async () => {
+        const before = process.env.COLO_READER_THREADS;
+        process.env.COLO_READER_THREADS = forced;
+        try {
+          const { mig } = await precopyRoundTrip({ multifdChannels: c.channels },
+            { layout: c.layout, channels: c.channels, iterations: 3, seed: 11, memory: { ramMiB: 32 } });
+          const s = mig.summary() as { channels: { directPages?: number; packets?: number; threadPackets?: number }[] };
+          const mf = s.channels.slice(1);
+          assert.ok(mf.every((ch) => (ch.directPages ?? 0) > 0), 'payloads read straight into page slots');
+          if (forced === '1') assert.ok(mf.every((ch) => (ch.threadPackets ?? 0) > 0 && ch.threadPackets! > ch.packets! / 2), `packets read whole by reader threads: ${JSON.stringify(mf)}`);
+          else assert.ok(mf.every((ch) => ch.threadPackets === 0), 'no reader thread');
+        } finally {
+          if (before === undefined) delete process.env.COLO_READER_THREADS; else process.env.COLO_READER_THREADS = before;
+        }
+      });
+    }
+  });
+}

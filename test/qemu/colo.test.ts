@@ -19,13 +19,13 @@ after(async () => { for (const c of cleanups.reverse()) await c(); });
 
 interface Dist { n: number; mean: number; p50: number; p99: number; max: number }
 
-async function coloRun(t: TestContext, name: string, channels: number): Promise<void> {
+async function coloRun(t: TestContext, name: string, channels: number, env: Record<string, string> = {}): Promise<void> {
   const guest = await ensureGuest();
   const dir = await mkdtemp(join(tmpdir(), `colo-${name}-`));
   const recv = ReceiverProcess.start([
     '--multifd-channels', String(channels), '--dump-ram', join(dir, 'dump'),
     '--stats-json', join(dir, 'stats.json'), '--checkpoints-csv', join(dir, 'checkpoints.csv'),
-  ]);
+  ], env);
   cleanups.push(() => recv.kill());
   const port = await recv.port();
   // TCP_NODELAY on the primary too: stock 7.2 pays ~40 ms per checkpoint without it (NOTES).
@@ -36,7 +36,11 @@ async function coloRun(t: TestContext, name: string, channels: number): Promise<
   const upload = new UploadWorkload({ port: primary.uploadPort, rateMBps: 40, fileBytes: 8 << 20, checkpointCount: () => primary.checkpointCount() }).start();
   cleanups.push(() => upload.stop());
   const uploaded = await endColoRun(primary, recv, upload, CHECKPOINTS);
-  const stats = JSON.parse(await readFile(join(dir, 'stats.json'), 'utf8')) as { checkpoints: { count: number; transferMs: Dist; flushMs: Dist; pauseMs: Dist; mbPerCheckpoint: Dist }; committedCheckpoint: number };
+  const stats = JSON.parse(await readFile(join(dir, 'stats.json'), 'utf8')) as { checkpoints: { count: number; transferMs: Dist; flushMs: Dist; pauseMs: Dist; mbPerCheckpoint: Dist }; committedCheckpoint: number; channels: { channel: string; packets?: number; threadPackets?: number }[] };
+  if (env.COLO_READER_THREADS === '1') {
+    const mf = stats.channels.filter((c) => c.channel.startsWith('multifd/'));
+    assert.ok(mf.length === channels && mf.every((c) => (c.threadPackets ?? 0) > (c.packets ?? 0) / 2), `every channel's packets read whole by its reader thread: ${JSON.stringify(mf)}`);
+  }
   assert.ok(stats.checkpoints.count >= CHECKPOINTS - 1, `committed ${stats.checkpoints.count} checkpoints`);
   const csv = (await readFile(join(dir, 'checkpoints.csv'), 'utf8')).trim().split('\n');
   assert.equal(csv.length - 1, stats.checkpoints.count, 'one CSV row per committed checkpoint');
@@ -55,4 +59,6 @@ async function coloRun(t: TestContext, name: string, channels: number): Promise<
 describe('real QEMU 7.2 COLO primary into colo-receiver', { skip, timeout: 600_000 }, () => {
   test('plain: >= 20 checkpoints under upload load, committed image dumped at failover', (t) => coloRun(t, 'plain', 0));
   test('multifd 4 channels: >= 20 checkpoints under upload load, committed image dumped at failover', (t) => coloRun(t, 'mfd4', 4));
+  // Reader threads are the default from 4 cores on (this machine has 2): forced here.
+  test('multifd 4 channels read by a thread each (COLO_READER_THREADS=1): >= 20 checkpoints under upload load', (t) => coloRun(t, 'mfd4-threads', 4, { COLO_READER_THREADS: '1' }));
 });

@@ -14,9 +14,13 @@ import { describeTrial, runFailoverTrial, type KillMoment } from '../helpers/fai
 
 const skip = haveQemu() ? false : 'qemu-system-x86_64 not installed (apt-get install qemu-system-x86)';
 
-async function trial(t: TestContext, moment: KillMoment): Promise<void> {
+async function trial(t: TestContext, moment: KillMoment, receiverEnv: Record<string, string> = {}): Promise<void> {
   const guest = await ensureGuest();
-  const r = await runFailoverTrial({ moment, guest, channels: 4, fileBytes: 3 << 20, log: (m) => t.diagnostic(m) });
+  const r = await runFailoverTrial({ moment, guest, channels: 4, fileBytes: 3 << 20, log: (m) => t.diagnostic(m), receiverEnv });
+  if (receiverEnv.COLO_READER_THREADS === '1') {
+    t.diagnostic(`multifd packets read whole by reader threads: ${r.threadPackets}`);
+    assert.ok((r.threadPackets ?? 0) > 0, 'the reader threads carried the checkpoints');
+  }
   t.diagnostic(`kill moment: ${r.trigger}; primary was ${r.primaryPhase}`);
   t.diagnostic(`receiver: "${r.receiverSaid}" -> committed checkpoint ${r.committed}${r.discarded !== null ? `, checkpoint ${r.discarded} discarded` : ', nothing discarded'}`);
   t.diagnostic(`files verified in the resumed guest: ${r.files.verified}/${r.files.eligible} (confirmed ${r.files.confirmed} of ${r.files.uploaded}; confirmed later, present anyway: ${r.files.laterPresent}/${r.files.laterChecked})`);
@@ -38,4 +42,7 @@ describe('real QEMU 7.2 COLO failover: primary SIGKILLed, committed checkpoint r
   test('(a) killed at a random time between checkpoints', { timeout: 120_000 }, (t) => trial(t, 'between'));
   test('(b) killed during the RAM part of a checkpoint', { timeout: 120_000 }, (t) => trial(t, 'ram'));
   test('(c) killed around VMSTATE_SIZE / the device-state blob', { timeout: 120_000 }, (t) => trial(t, 'blob'));
+  // Reader threads are the default from 4 cores on (this machine has 2): forced, so that the
+  // checkpoint in flight when the primary dies is on the reader threads.
+  test('(d) killed during the RAM part, multifd read by a thread per connection (COLO_READER_THREADS=1)', { timeout: 120_000 }, (t) => trial(t, 'ram', { COLO_READER_THREADS: '1' }));
 });

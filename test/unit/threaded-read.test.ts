@@ -79,14 +79,20 @@ class FakePackets implements PacketReader {
 
 describe('multifd reader threads', () => {
   let server: Server, port: number;
+  const wasForced = process.env.COLO_READER_THREADS;
   before(async () => {
+    // On by default from 4 cores only; forced here so that the tests run on any machine.
+    process.env.COLO_READER_THREADS = '1';
     assert.equal(await readerThreadsSelfTest(), true, 'reader threads self-test');
     server = createServer({ noDelay: true });
     server.listen(0, '127.0.0.1');
     await once(server, 'listening');
     port = (server.address() as { port: number }).port;
   });
-  after(() => { server.close(); });
+  after(() => {
+    server.close();
+    if (wasForced === undefined) delete process.env.COLO_READER_THREADS; else process.env.COLO_READER_THREADS = wasForced;
+  });
 
   test('command mode: exact targets in shared memory and partial ones in plain buffers arrive in order; EOF after the last byte', async () => {
     const { accepted, client } = await pair(server, port);
