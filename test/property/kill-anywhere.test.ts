@@ -15,8 +15,11 @@ import { startReceiver } from '../helpers/synthetic.js';
 
 const RUNS = Number(process.env.FUZZ_RUNS ?? 102);
 const CHECKPOINTS = 3;
+// `threads`: multifd read by a reader thread per connection (COLO_READER_THREADS=1; the default
+// from 4 cores on), so that a cut inside a packet also lands on a reader thread.
 const configs = [
-  { layout: '7.2', channels: 0 }, { layout: '7.2', channels: 4 }, { layout: '10.x', channels: 4 },
+  { layout: '7.2', channels: 0, threads: false }, { layout: '7.2', channels: 4, threads: false },
+  { layout: '10.x', channels: 4, threads: false }, { layout: '7.2', channels: 4, threads: true },
 ] as const;
 
 function options(c: (typeof configs)[number], port: number): SyntheticSourceOptions {
@@ -54,7 +57,10 @@ async function decodeBack(img: CommittedImage): Promise<CommittedImage> {
 
 describe('kill the primary anywhere inside a checkpoint', () => {
   for (const c of configs) {
-    test(`${c.layout}, ${c.channels} channel(s): the previous checkpoint survives exactly`, async () => {
+    test(`${c.layout}, ${c.channels} channel(s)${c.threads ? ', reader threads' : ''}: the previous checkpoint survives exactly`, async (t) => {
+      const before = process.env.COLO_READER_THREADS;
+      process.env.COLO_READER_THREADS = c.threads ? '1' : '0';
+      t.after(() => { if (before === undefined) delete process.env.COLO_READER_THREADS; else process.env.COLO_READER_THREADS = before; });
       const sizes = await checkpointSizes(c);
       let n = 0;
       await fc.assert(fc.asyncProperty(
