@@ -383,8 +383,9 @@ export class MultiFDChannel implements PacketReader {
   }
 
   /**
-   * A run of RESERVED_PAGES free slots (a chunk is added if none has one), or a staging slot
-   * before the RAMBlock list is known or when --max-memory leaves no room for a chunk.
+   * RESERVED_PAGES free slots in at most RES_PARTS parts, or a staging slot: before the
+   * RAMBlock list is known, when the free slots are too scattered, or when --max-memory
+   * refuses the chunk a slot would need.
    */
   reserve(): ChannelReservation | null {
     const slab = this.sink.reservationSlab?.();
