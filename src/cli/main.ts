@@ -109,6 +109,11 @@ listen options:
   --log-level LEVEL         pino level (default info; LOG_LEVEL also works)
   --no-progress             no progress line on a terminal
 
+Environment: COLO_READER_THREADS=1|0 forces a reader thread per multifd connection on or off
+(default: on from 4 cores, as QEMU's multifdrecv threads; off below, where the main thread
+reading every channel measured faster); COLO_DIRECT_PAGES=0 sends every multifd payload
+through a staging slot and a page writer (to compare).
+
 Exit status: 0 migration completed, or COLO ended by the primary going away (the committed
 checkpoint is kept); 1 usage error; 2 migration failed (protocol violation, bad input);
 3 internal error.`;
