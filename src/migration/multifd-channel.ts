@@ -46,8 +46,6 @@ interface ChannelReservation extends Reservation {
 
 /** A reservation covers the largest packet QEMU sends (MULTIFD_PAGES_PER_PACKET). */
 const RESERVED_PAGES = MULTIFD_PAGES_PER_PACKET;
-/** Parts of a reservation a reader thread takes (RES_PARTS in src/net/socket-reader.ts). */
-const RES_PARTS_MAX = RES_PARTS;
 
 const EMPTY = new Uint8Array(0);
 /** A read that is not a header or a direct payload: Node's own read size. */
@@ -398,7 +396,7 @@ export class MultiFDChannel implements PacketReader {
       const parts: Reservation['parts'] = [];
       let n = 0, want = RESERVED_PAGES, last = -2;
       try {
-        while (n < RESERVED_PAGES && parts.length <= RES_PARTS_MAX) {
+        while (n < RESERVED_PAGES && parts.length <= RES_PARTS) {
           want = Math.min(want, RESERVED_PAGES - n);
           let first = -1, len = 1;
           if (want >= DIRECT_PAGES_PER_RUN) {
@@ -410,7 +408,7 @@ export class MultiFDChannel implements PacketReader {
           }
           if (first === last + 1 && (first >>> slab.chunkSlotBits) === (last >>> slab.chunkSlotBits)) {
             parts[parts.length - 1]!.bytes += len * TARGET_PAGE_SIZE;
-          } else if (parts.length < RES_PARTS_MAX) {
+          } else if (parts.length < RES_PARTS) {
             parts.push({ sab: slab.chunks[first >>> slab.chunkSlotBits]!, offset: slab.offset(first), bytes: len * TARGET_PAGE_SIZE });
           } else {
             for (let k = 0; k < len; k++) slab.free(first + k);

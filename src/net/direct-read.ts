@@ -28,7 +28,11 @@ export interface DirectReader {
   readExact?(): boolean;
 }
 
-interface Internal { _handle?: { useUserBuffer?: unknown; readStop?: () => number; reading?: boolean } | null; _server?: (Server & { _connections: number }) | null }
+/** The libuv handle of an accepted socket, as far as adopting it goes (Node internals). */
+export interface SocketHandle { useUserBuffer?: unknown; readStop?: () => number; reading?: boolean; fd?: number }
+/** The server an accepted socket counts in: adopting the socket moves the count. */
+export type CountingServer = Server & { _connections: number; _emitCloseIfDrained?: () => void };
+interface Internal { _handle?: SocketHandle | null; _server?: CountingServer | null }
 
 let state: 'untested' | 'testing' | 'ok' | 'off' = 'untested';
 let selfTest: Promise<boolean> | null = null;
@@ -43,20 +47,48 @@ function adoptable(sock: unknown): sock is Socket & Internal {
 }
 
 /**
- * Moves an accepted, paused socket's handle into a new Socket whose reads land where `r`
- * says. Bytes the old socket had already buffered are returned, in order, for the caller
- * to consume first. The new socket counts as the server's connection in place of the old.
+ * Takes an accepted, paused socket's libuv handle away from it, stopped, with the bytes the
+ * socket had already buffered (in order, for the new owner to consume first) and the server
+ * it counts in. The handle is detached before the buffer is drained: read() on a paused
+ * socket below its high-water mark starts its handle reading again, and the old socket would
+ * take bytes that belong to the new owner (seen with a reader thread as owner: a corrupted
+ * stream in the loopback tests). The socket is left without a handle or listeners.
  */
-function adopt(sock: Socket & Internal, r: DirectReader): { sock: Socket; buffered: Buffer[] } {
+export function detachPaused(sock: Socket & Internal): { handle: SocketHandle; buffered: Buffer[]; server: CountingServer | null } {
   const handle = sock._handle!;
+  sock._handle = null;
   handle.readStop!();
   handle.reading = false;
   const buffered: Buffer[] = [];
   for (let c: Buffer | null; (c = sock.read() as Buffer | null) !== null;) buffered.push(c);
   const server = sock._server ?? null;
-  sock._handle = null;
   sock._server = null;
   sock.removeAllListeners();
+  return { handle, buffered, server };
+}
+
+/**
+ * A loopback connection accepted by `server` (listening on `port`), paused after the client's
+ * `first` bytes arrived, as the listener hands connections over: what both self-tests adopt.
+ */
+export async function pausedLoopbackPair(server: Server, port: number, first: Buffer): Promise<{ accepted: Socket; client: Socket; got: Buffer }> {
+  const accepted = once(server, 'connection') as Promise<[Socket]>;
+  const client = connect(port, '127.0.0.1');
+  await once(client, 'connect');
+  const [s] = await accepted;
+  client.write(first);
+  const [got] = await once(s, 'data') as [Buffer];
+  s.pause();
+  return { accepted: s, client, got };
+}
+
+/**
+ * Moves an accepted, paused socket's handle into a new Socket whose reads land where `r`
+ * says. Bytes the old socket had already buffered are returned, in order, for the caller
+ * to consume first. The new socket counts as the server's connection in place of the old.
+ */
+function adopt(sock: Socket & Internal, r: DirectReader): { sock: Socket; buffered: Buffer[] } {
+  const { handle, buffered, server } = detachPaused(sock);
   // `handle` is a constructor option @types/node does not list.
   const fresh = new Socket({
     handle,
@@ -113,13 +145,7 @@ async function runSelfTest(): Promise<void> {
   await once(server, 'listening');
   const port = (server.address() as { port: number }).port;
   try {
-    const accepted = once(server, 'connection') as Promise<[Socket]>;
-    const client = connect(port, '127.0.0.1');
-    await once(client, 'connect');
-    const [s] = await accepted;
-    client.write(Buffer.from([1, 2, 3, 4]));
-    const [first] = await once(s, 'data') as [Buffer];
-    s.pause();
+    const { accepted: s, client, got: first } = await pausedLoopbackPair(server, port, Buffer.from([1, 2, 3, 4]));
     if (!adoptable(s)) throw new Error('accepted socket has no adoptable handle');
     let landed = 0, expect = Infinity;
     let gotAll!: () => void;

@@ -156,46 +156,48 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
     exact = ctl[CMD_EXACT] === 1;
     got = 0;
   };
+  /** Whether a stop was written since the command taken (a newer read command is taken later, by take()). */
+  const checkStop = () => {
+    if (Atomics.load(ctl, CMD_SEQ) !== seen) { drainPort(); if (ctl[CMD] === CMD_STOP) stopping = true; }
+    return stopping;
+  };
   /** Waits until `ready()` or a stop; the main thread bumps P_WAKE after every change. */
   const waitFor = (ready: () => boolean) => {
     for (;;) {
       const w = Atomics.load(ctl, P_WAKE);
-      if (Atomics.load(ctl, CMD_SEQ) !== seen) { drainPort(); if (ctl[CMD] === CMD_STOP) stopping = true; }
-      if (stopping || ready()) return;
+      if (checkStop() || ready()) return;
       sum.wakes++;
       Atomics.wait(ctl, P_WAKE, w);
     }
   };
   /** Packet mode: where the next bytes go (waiting for a header slot, a reservation or a release). */
   const packetTarget = (): Uint8Array | null => {
-    for (;;) {
-      if (phase === 'halt') { waitFor(() => false); return null; }
-      if (phase === 'release') {
-        waitFor(() => Atomics.load(ctl, P_RELEASE) >= syncs);
-        if (stopping) return null;
-        phase = 'header';
-      }
-      if (phase === 'header') {
-        if (hdrGot === 0) waitFor(() => pk - Atomics.load(ctl, P_DONE) < HDR_SLOTS);
-        if (stopping) return null;
-        const at = (pk % HDR_SLOTS) * MULTIFD_PACKET_HEADER_LEN;
-        return scratch.subarray(at + hdrGot, at + MULTIFD_PACKET_HEADER_LEN);
-      }
-      // payload
-      if (got === 0) { waitFor(() => Atomics.load(ctl, P_RES_HEAD) > resTail); part = 0; partStart = 0; }
+    if (phase === 'halt') { waitFor(() => false); return null; }
+    if (phase === 'release') {
+      waitFor(() => Atomics.load(ctl, P_RELEASE) >= syncs);
       if (stopping) return null;
-      const e = RES_BASE + (resTail % RES_SLOTS) * RES_WORDS;
-      for (;;) {
-        if (part >= ctl[e]!) throw new Error(`socket reader: a payload of ${payLen} bytes is larger than its reservation`);
-        const q = e + 1 + 3 * part;
-        const bytes = ctl[q + 2]!;
-        if (got < partStart + bytes) {
-          const at = ctl[q + 1]! + (got - partStart);
-          return region(ctl[q]!).subarray(at, at + Math.min(partStart + bytes, payLen) - got);
-        }
-        partStart += bytes;
-        part++;
+      phase = 'header';
+    }
+    if (phase === 'header') {
+      if (hdrGot === 0) waitFor(() => pk - Atomics.load(ctl, P_DONE) < HDR_SLOTS);
+      if (stopping) return null;
+      const at = (pk % HDR_SLOTS) * MULTIFD_PACKET_HEADER_LEN;
+      return scratch.subarray(at + hdrGot, at + MULTIFD_PACKET_HEADER_LEN);
+    }
+    // payload
+    if (got === 0) { waitFor(() => Atomics.load(ctl, P_RES_HEAD) > resTail); part = 0; partStart = 0; }
+    if (stopping) return null;
+    const e = RES_BASE + (resTail % RES_SLOTS) * RES_WORDS;
+    for (;;) {
+      if (part >= ctl[e]!) throw new Error(`socket reader: a payload of ${payLen} bytes is larger than its reservation`);
+      const q = e + 1 + 3 * part;
+      const bytes = ctl[q + 2]!;
+      if (got < partStart + bytes) {
+        const at = ctl[q + 1]! + (got - partStart);
+        return region(ctl[q]!).subarray(at, at + Math.min(partStart + bytes, payLen) - got);
       }
+      partStart += bytes;
+      part++;
     }
   };
   const packetDone = () => {
@@ -261,7 +263,7 @@ export function serveSocket(t: SocketReadTask): Promise<SocketReadSummary> {
           got += n;
           if (got === target.length || !exact) report(EVT_DATA);
           // A stop the main thread wrote while this target was being filled.
-          if (Atomics.load(ctl, CMD_SEQ) !== seen) { drainPort(); if (ctl[CMD] === CMD_STOP || stopping) { stopping = true; queueMicrotask(stop); return false; } }
+          if (checkStop()) { queueMicrotask(stop); return false; }
           return true;
         },
       },

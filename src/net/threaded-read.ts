@@ -1,12 +1,12 @@
 import { EventEmitter, once } from 'node:events';
-import { connect, createServer, Socket, type Server } from 'node:net';
+import { createServer, Socket } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { getSystemErrorName } from 'node:util';
 import { MessageChannel, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import type { Logger } from '../log.js';
 import { sabIds } from '../pool/sab-ids.js';
-import type { DirectReader } from './direct-read.js';
+import { detachPaused, pausedLoopbackPair, type CountingServer, type DirectReader, type SocketHandle } from './direct-read.js';
 import {
   CMD, CMD_EXACT, CMD_LENGTH, CMD_OFFSET, CMD_PACKETS, CMD_READ, CMD_REGION, CMD_SEQ, CMD_STOP, CTL_WORDS, EVT_DATA,
   EVT_END, EVT_ERRNO, EVT_KIND, EVT_N, EVT_SEQ, MSG_BAD, MSG_END, MSG_ERROR, MSG_PACKET, P_DONE, P_IN_PACKET,
@@ -41,14 +41,13 @@ const WORKER_EXEC_ARGV = ['--no-experimental-require-module'];
 /** Header, handshake and side reads land here first; the largest is the parser's 64 KiB side read. */
 const SCRATCH_BYTES = 64 * 1024;
 
-interface Parked { readStop?: () => number; reading?: boolean; fd?: number }
-interface Internal { _handle?: Parked | null; _server?: (Server & { _connections: number; _emitCloseIfDrained?: () => void }) | null }
+interface Internal { _handle?: SocketHandle | null; _server?: CountingServer | null }
 
 /**
  * Handles whose descriptor a reader thread owns: kept here for the life of the process so
  * they are never closed (see above). A few hundred bytes per multifd connection.
  */
-const parked = new Set<Parked>();
+const parked = new Set<SocketHandle>();
 
 /** Memory a reader thread may read one packet's payload into, in order, reserved by the parser. */
 export interface Reservation {
@@ -138,7 +137,7 @@ export class ThreadedSocket extends EventEmitter implements Conn {
   /** Reader thread's counters, once it ended. */
   summary: SocketReadSummary | null = null;
 
-  constructor(fd: number, private readonly r: DirectReader, server: Internal['_server']) {
+  constructor(fd: number, private readonly r: DirectReader, server: CountingServer | null) {
     super();
     const ch = new MessageChannel();
     this.#port = ch.port1;
@@ -186,20 +185,17 @@ export class ThreadedSocket extends EventEmitter implements Conn {
     if (this.#destroyed) return this;
     this.#destroyed = true;
     this.#clearTimer();
-    this.#ctl[CMD] = CMD_STOP;
-    Atomics.add(this.#ctl, CMD_SEQ, 1);
-    Atomics.notify(this.#ctl, CMD_SEQ);
+    this.#command(CMD_STOP);
     this.#wake();
     // A reader idle in its event loop (no bytes coming) hears the stop on its port.
     this.#port.postMessage({ stop: true });
     return this;
   }
 
-  #closed(server: Internal['_server']): void {
+  #closed(server: CountingServer | null): void {
     // The reader's last word (its EOF, an error) may still be queued on the port: the task's
     // result came over piscina's own port, and two ports keep no order between them.
     for (let m = receiveMessageOnPort(this.#port); m !== undefined; m = receiveMessageOnPort(this.#port)) this.#onMessage(m.message as number | number[]);
-    this.#onEvent();
     if (isPacketReader(this.r)) for (const res of this.#res.splice(0)) if (res) this.r.unreserve(res);
     this.#clearTimer();
     this.#unsubscribe();
@@ -214,6 +210,25 @@ export class ThreadedSocket extends EventEmitter implements Conn {
     Atomics.notify(this.#ctl, P_WAKE);
   }
 
+  /** Publishes a command (its operand words are written first). */
+  #command(cmd: number): void {
+    this.#ctl[CMD] = cmd;
+    Atomics.add(this.#ctl, CMD_SEQ, 1);
+    Atomics.notify(this.#ctl, CMD_SEQ);
+  }
+
+  /** The number the reader knows `sab` by, sending it first if it has not got it yet. */
+  #region(sab: SharedArrayBuffer): number {
+    const uid = sabIds.uidOf(sab);
+    if (!this.#sent.has(uid)) { this.#port.postMessage({ uid, sab }); this.#sent.add(uid); }
+    return uid;
+  }
+
+  /** A copy of the header in the reader's header slot `slot`. */
+  #header(slot: number): Buffer {
+    return Buffer.from(this.#scratch.subarray(slot * MULTIFD_PACKET_HEADER_LEN, (slot + 1) * MULTIFD_PACKET_HEADER_LEN));
+  }
+
   #onMessage(m: number | number[]): void {
     if (typeof m === 'number') { this.#onEvent(); return; }
     if (this.#destroyed || this.#ended || !isPacketReader(this.r)) return;
@@ -224,7 +239,7 @@ export class ThreadedSocket extends EventEmitter implements Conn {
       const kind = m[0]!;
       if (kind === MSG_PACKET) {
         const [, slot, resIdx, payload] = m as [number, number, number, number];
-        const header = Buffer.from(this.#scratch.subarray(slot * MULTIFD_PACKET_HEADER_LEN, (slot + 1) * MULTIFD_PACKET_HEADER_LEN));
+        const header = this.#header(slot);
         let res: Reservation | null = null;
         if (resIdx >= 0) { res = this.#res[resIdx]!; this.#res[resIdx] = null; this.#resTail++; }
         // SYNC is bit 0 of the flags (bytes 8..11, big-endian): the reader waits for its release.
@@ -234,18 +249,15 @@ export class ThreadedSocket extends EventEmitter implements Conn {
         this.#topUp();
         this.#wake();
       } else if (kind === MSG_BAD) {
-        r.onReaderBadHeader(Buffer.from(this.#scratch.subarray(m[1]! * MULTIFD_PACKET_HEADER_LEN, (m[1]! + 1) * MULTIFD_PACKET_HEADER_LEN)));
+        r.onReaderBadHeader(this.#header(m[1]!));
       } else if (kind === MSG_END) {
         this.#ended = true;
         this.#clearTimer();
         r.onReaderEnd(m[1]! + m[2]!);
         this.emit('end');
       } else if (kind === MSG_ERROR) {
-        const errno = m[1]!;
-        let name = 'EIO';
-        try { name = getSystemErrorName(errno); } catch { /* not a libuv code */ }
         this.#ended = true;
-        this.emit('error', Object.assign(new Error(`read ${name}`), { code: name, errno, syscall: 'read' }));
+        this.emit('error', readError(m[1]!));
       }
     } finally {
       this.#inEvent = false;
@@ -266,9 +278,7 @@ export class ThreadedSocket extends EventEmitter implements Conn {
       if (res.parts.length > RES_PARTS) throw new Error(`reservation of ${res.parts.length} parts (max ${RES_PARTS})`);
       ctl[e] = res.parts.length;
       for (const [j, part] of res.parts.entries()) {
-        const uid = sabIds.uidOf(part.sab);
-        if (!this.#sent.has(uid)) { this.#port.postMessage({ uid, sab: part.sab }); this.#sent.add(uid); }
-        ctl[e + 1 + 3 * j] = uid;
+        ctl[e + 1 + 3 * j] = this.#region(part.sab);
         ctl[e + 2 + 3 * j] = part.offset;
         ctl[e + 3 + 3 * j] = part.bytes;
       }
@@ -287,18 +297,14 @@ export class ThreadedSocket extends EventEmitter implements Conn {
       // From here the reader thread reads whole packets by itself.
       this.#packets = true;
       this.#topUp();
-      this.#ctl[CMD] = CMD_PACKETS;
-      Atomics.add(this.#ctl, CMD_SEQ, 1);
-      Atomics.notify(this.#ctl, CMD_SEQ);
+      this.#command(CMD_PACKETS);
       return;
     }
     const t = this.r.readTarget();
     const exact = this.r.readExact?.() ?? false;
     const ctl = this.#ctl;
     if (t.buffer instanceof SharedArrayBuffer) {
-      const uid = sabIds.uidOf(t.buffer);
-      if (!this.#sent.has(uid)) { this.#port.postMessage({ uid, sab: t.buffer }); this.#sent.add(uid); }
-      ctl[CMD_REGION] = uid;
+      ctl[CMD_REGION] = this.#region(t.buffer);
       ctl[CMD_OFFSET] = t.byteOffset;
       ctl[CMD_LENGTH] = t.length;
       this.#copyTo = null;
@@ -310,10 +316,8 @@ export class ThreadedSocket extends EventEmitter implements Conn {
     }
     // A target larger than the scratch buffer is read in parts: each part is a complete read.
     ctl[CMD_EXACT] = exact && ctl[CMD_LENGTH] === t.length ? 1 : 0;
-    ctl[CMD] = CMD_READ;
     this.#outstanding = true;
-    Atomics.add(ctl, CMD_SEQ, 1);
-    Atomics.notify(ctl, CMD_SEQ);
+    this.#command(CMD_READ);
   }
 
   #onEvent(): void {
@@ -332,12 +336,8 @@ export class ThreadedSocket extends EventEmitter implements Conn {
       }
       if (kind === EVT_END) { this.#ended = true; this.#clearTimer(); this.emit('end'); }
       else if (kind !== EVT_DATA) {
-        const errno = ctl[EVT_ERRNO]!;
-        let name = 'EIO';
-        try { name = getSystemErrorName(errno); } catch { /* not a libuv code */ }
-        const e = Object.assign(new Error(`read ${name}`), { code: name, errno, syscall: 'read' });
         this.#ended = true;
-        this.emit('error', e);
+        this.emit('error', readError(ctl[EVT_ERRNO]!));
       }
     } finally {
       this.#inEvent = false;
@@ -357,12 +357,15 @@ export class ThreadedSocket extends EventEmitter implements Conn {
   }
 }
 
+/** The error a failed read on the reader thread becomes here, as a socket's would. */
+function readError(errno: number): NodeJS.ErrnoException {
+  let name = 'EIO';
+  try { name = getSystemErrorName(errno); } catch { /* not a libuv code */ }
+  return Object.assign(new Error(`read ${name}`), { code: name, errno, syscall: 'read' });
+}
+
 let state: 'untested' | 'ok' | 'off' = 'untested';
 let reason = '';
-
-/** The self-test passed (run by directReadReady): readers may be used. */
-export function readerThreadsReady(): boolean { return state === 'ok'; }
-export function readerThreadsOffReason(): string { return reason; }
 
 function adoptable(sock: unknown): sock is Socket & Internal {
   if (!(sock instanceof Socket) || sock.constructor !== Socket) return false;
@@ -372,19 +375,8 @@ function adoptable(sock: unknown): sock is Socket & Internal {
 
 /** Parks an accepted, paused socket's handle and gives its descriptor to a reader thread. */
 function adopt(sock: Socket & Internal, r: DirectReader): { sock: ThreadedSocket; buffered: Buffer[] } {
-  const handle = sock._handle!;
-  // Detached before the socket's buffer is drained: read() on a paused socket below its
-  // high-water mark starts its handle reading again, and this thread would take bytes that
-  // belong to the reader.
-  sock._handle = null;
-  handle.readStop!();
-  handle.reading = false;
-  const buffered: Buffer[] = [];
-  for (let c: Buffer | null; (c = sock.read() as Buffer | null) !== null;) buffered.push(c);
-  const server = sock._server ?? null;
+  const { handle, buffered, server } = detachPaused(sock);
   parked.add(handle);
-  sock._server = null;
-  sock.removeAllListeners();
   return { sock: new ThreadedSocket(handle.fd!, r, server), buffered };
 }
 
@@ -442,19 +434,13 @@ export async function readerThreadsSelfTest(log?: Logger): Promise<boolean> {
 
 async function selfTest(): Promise<void> {
   const mem = new Uint8Array(new SharedArrayBuffer(1 << 17));
-  const server = createServer({ noDelay: true }) as Server & Internal['_server'];
+  const server = createServer({ noDelay: true });
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
   const port = (server.address() as { port: number }).port;
   const limit = <T>(p: Promise<T>, what: string) => Promise.race([p, new Promise<never>((_, rej) => setTimeout(() => rej(new Error(`reader self-test: ${what}`)), 5000).unref())]);
   try {
-    const accepted = once(server, 'connection') as Promise<[Socket]>;
-    const client = connect(port, '127.0.0.1');
-    await once(client, 'connect');
-    const [s] = await accepted;
-    client.write(Buffer.from([9, 9, 9]));
-    await once(s, 'data');
-    s.pause();
+    const { accepted: s, client } = await pausedLoopbackPair(server, port, Buffer.from([9, 9, 9]));
     if (!adoptable(s)) throw new Error('accepted socket has no adoptable handle');
     // 100 header-sized exact reads into plain Buffers, then one 64 KiB exact read into shared memory.
     const want = 100 * 16 + 65536;

@@ -5,9 +5,9 @@
 // test/integration (loopback, COLO) and test/property (kill anywhere).
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { connect, createServer, type Server, type Socket } from 'node:net';
+import { createServer, type Server, type Socket } from 'node:net';
 import { after, before, describe, test } from 'node:test';
-import type { DirectReader } from '../../src/net/direct-read.js';
+import { pausedLoopbackPair, type DirectReader } from '../../src/net/direct-read.js';
 import { adoptForThreadedRead, readerThreadsSelfTest, type PacketReader, type Reservation, type ThreadedSocket } from '../../src/net/threaded-read.js';
 import { encodeMultiFDPacketHeader } from '../../src/sender/multifd-builder.js';
 import { MULTIFD_FLAG_SYNC, MULTIFD_PACKET_HEADER_LEN, TARGET_PAGE_SIZE } from '../../src/wire/constants.js';
@@ -17,15 +17,9 @@ const within = <T>(p: Promise<T>, ms: number, what: string) =>
 
 /** An accepted socket, paused after its first bytes (as the listener hands it over), and its client. */
 async function pair(server: Server, port: number): Promise<{ accepted: Socket; client: Socket }> {
-  const got = once(server, 'connection') as Promise<[Socket]>;
-  const client = connect(port, '127.0.0.1');
-  await once(client, 'connect');
-  const [accepted] = await got;
+  const { accepted, client } = await pausedLoopbackPair(server, port, Buffer.from([0xaa]));
   // A reader destroyed with bytes unread resets the connection: the client's side of it.
   client.on('error', () => undefined);
-  client.write(Buffer.from([0xaa]));
-  await once(accepted, 'data');
-  accepted.pause();
   return { accepted, client };
 }
 
