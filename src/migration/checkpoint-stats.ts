@@ -25,6 +25,8 @@ export interface CheckpointRecord {
    * receiver's main thread is the bottleneck; far below it, the sender or the wire is.
    */
   transferBusyMs: number;
+  /** Slots this checkpoint took from never-mapped memory (each faulted in during a write). */
+  freshPages?: number;
 }
 
 export interface Dist { n: number; mean: number; p50: number; p99: number; max: number }
@@ -80,7 +82,7 @@ export class CheckpointStats {
   logLine(c: CheckpointRecord): Record<string, unknown> {
     const d = durations(c);
     const r = (x: number) => Math.round(x * 1000) / 1000;
-    return { checkpoint: c.index, transferMs: r(d.transferMs), transferBusyMs: r(c.transferBusyMs), blobMs: r(d.blobMs), flushMs: r(d.flushMs), pauseMs: r(d.pauseMs), pages: c.pages, zeroPages: c.zeroPages, flushedPages: c.flushedPages, bytes: c.channelBytes.reduce((a, b) => a + b, 0), blobBytes: c.blobBytes };
+    return { checkpoint: c.index, transferMs: r(d.transferMs), transferBusyMs: r(c.transferBusyMs), blobMs: r(d.blobMs), flushMs: r(d.flushMs), pauseMs: r(d.pauseMs), pages: c.pages, zeroPages: c.zeroPages, flushedPages: c.flushedPages, bytes: c.channelBytes.reduce((a, b) => a + b, 0), blobBytes: c.blobBytes, freshPages: c.freshPages };
   }
 
   summary(): Record<string, unknown> {

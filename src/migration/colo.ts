@@ -232,10 +232,11 @@ export class ColoIncoming {
 
   // ---------------------------------------------------------------- per-checkpoint counters
 
-  #counterBase = { main: { pages: 0, zeroPages: 0, bytes: 0 } as ChannelCounts, ch: [] as ChannelCounts[] };
+  #counterBase = { main: { pages: 0, zeroPages: 0, bytes: 0 } as ChannelCounts, ch: [] as ChannelCounts[], fresh: 0 };
   #snapshotCounters(): void {
     const { main, channels } = this.host.counters();
     this.#counterBase = {
+      fresh: this.host.blocks.slab.freshSlots,
       main: { pages: main.pages, zeroPages: main.zeroPages, bytes: main.bytes },
       ch: channels.map((c) => ({ pages: c.pages, zeroPages: c.zeroPages, bytes: c.bytes })),
     };
@@ -247,6 +248,7 @@ export class ColoIncoming {
     cur.pages = main.pages - base.main.pages;
     cur.zeroPages = main.zeroPages - base.main.zeroPages;
     cur.channelBytes = [main.bytes - base.main.bytes];
+    cur.freshPages = this.host.blocks.slab.freshSlots - base.fresh;
     channels.forEach((c, i) => {
       const b = base.ch[i] ?? { pages: 0, zeroPages: 0, bytes: 0 };
       cur.pages += c.pages - b.pages;

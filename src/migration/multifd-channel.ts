@@ -394,18 +394,12 @@ export class MultiFDChannel implements PacketReader {
       // singles join into one part; each part is one read for the reader thread.
       const slots = new Uint32Array(RESERVED_PAGES);
       const parts: Reservation['parts'] = [];
-      let n = 0, want = RESERVED_PAGES, last = -2;
+      let n = 0, last = -2, runs = true;
       try {
         while (n < RESERVED_PAGES && parts.length <= RES_PARTS) {
-          want = Math.min(want, RESERVED_PAGES - n);
-          let first = -1, len = 1;
-          if (want >= DIRECT_PAGES_PER_RUN) {
-            first = slab.allocRun(want);
-            if (first < 0) { want >>= 1; continue; }
-            len = want;
-          } else {
-            first = slab.alloc();
-          }
+          let first = runs ? slab.takeRun(RESERVED_PAGES - n, DIRECT_PAGES_PER_RUN) : -1, len = 1;
+          if (first >= 0) len = slab.runLength;
+          else { runs = false; first = slab.alloc(); }
           if (first === last + 1 && (first >>> slab.chunkSlotBits) === (last >>> slab.chunkSlotBits)) {
             parts[parts.length - 1]!.bytes += len * TARGET_PAGE_SIZE;
           } else if (parts.length < RES_PARTS) {
@@ -502,13 +496,12 @@ export class MultiFDChannel implements PacketReader {
       const n = p.normalPages, slab = block.slab;
       const runs = this.#directReads && this.#directPages && this.compression === 'none';
       for (let k = 0; k < n;) {
-        let want = n - k, next = -1;
-        if (runs) while (want >= DIRECT_PAGES_PER_RUN && (next = slab.allocRun(want)) < 0) want >>= 1;
+        let next = runs ? slab.takeRun(n - k, DIRECT_PAGES_PER_RUN) : -1;
         if (next < 0) {
           for (; k < n; k++) into[idx + k] = block.slotFor(p.offsets[k]! / TARGET_PAGE_SIZE, mode);
           break;
         }
-        const end = next + want;
+        const end = next + slab.runLength;
         for (; k < n && next < end; k++) {
           const s = block.slotFor(p.offsets[k]! / TARGET_PAGE_SIZE, mode, next);
           into[idx + k] = s;

@@ -210,6 +210,51 @@ describe('slab allocation', () => {
     }
   });
 
+  test('allocRun(n, mappedOnly) stays below the touched mark (random fragmentation, bit-by-bit check)', () => {
+    let seed = 777;
+    const rnd = (k: number): number => { seed = (seed * 1103515245 + 12345) >>> 0; return seed % k; };
+    for (let round = 0; round < 40; round++) {
+      const slab = new Slab({ chunkSlotBits: 8 });
+      const touched = 40 + rnd(200);                 // slots below it were handed out once
+      const used = new Set<number>();
+      for (let i = 0; i < touched; i++) used.add(slab.alloc());
+      for (let i = 0; i < touched / 2; i++) { const s = rnd(touched); if (used.delete(s)) slab.free(s); }
+      for (let q = 0; q < 12; q++) {
+        const n = 2 + rnd(round % 2 ? 20 : 80);
+        let expect = -1;
+        for (let st = 0; st + n <= touched; st++) {
+          let ok = true;
+          for (let i = st; i < st + n; i++) if (used.has(i)) { ok = false; break; }
+          if (ok) { expect = st; break; }
+        }
+        const fresh = slab.freshSlots;
+        const got = slab.allocRun(n, true);
+        assert.equal(got, expect, `round ${round}, mapped run of ${n} below ${touched}`);
+        assert.equal(slab.freshSlots, fresh, 'no fresh slot');
+        if (got >= 0) for (let i = got; i < got + n; i++) used.add(i);
+      }
+    }
+  });
+
+  test('takeRun: mapped runs first (halving), then nothing while mapped holes remain, fresh runs only when none does', () => {
+    const slab = new Slab({ chunkSlotBits: 8 });   // 256 slots per chunk
+    for (let i = 0; i < 64; i++) slab.alloc();
+    assert.equal(slab.freshSlots, 64);
+    for (const s of [10, 11, 12, 13, 20, 30]) slab.free(s);
+    assert.equal(slab.takeRun(16, 4), 10, 'no mapped run of 16 or 8: the run of 4 at 10');
+    assert.equal(slab.runLength, 4);
+    assert.equal(slab.takeRun(16, 4), -1, 'holes 20 and 30 are mapped: the caller takes them singly, no fresh run');
+    assert.deepEqual([slab.alloc(), slab.alloc()], [20, 30]);
+    assert.equal(slab.freshSlots, 64, 'nothing new faulted in so far');
+    assert.equal(slab.takeRun(16, 4), 64, 'nothing mapped is free: a run of fresh memory');
+    assert.equal(slab.runLength, 16);
+    assert.equal(slab.freshSlots, 80);
+    assert.equal(slab.prefaultStep(32, 32), false, 'maps 80..111');
+    assert.equal(slab.takeRun(128, 8), 80, 'the prefaulted slots, not the fresh ones above them');
+    assert.equal(slab.runLength, 32);
+    assert.equal(slab.freshSlots, 80);
+  });
+
   test('allocRun of 16-slot test chunks (half a bitmap word)', () => {
     const slab = new Slab({ chunkSlotBits: 4 });
     slab.alloc();
