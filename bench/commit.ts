@@ -12,14 +12,17 @@ import { WRITE_BOTH, WRITE_CACHE } from '../src/memory/page-writer.js';
 import { RAMBlockList } from '../src/memory/ram-block.js';
 import { chunkSlotBitsFor, Slab } from '../src/memory/slab.js';
 import { Prng } from '../src/sender/prng.js';
+import { printUsageAndExit } from './usage.js';
 
 const { values: o } = parseArgs({
   options: {
+    help: { type: 'boolean', short: 'h', default: false },
     'ram-mib': { type: 'string', default: '512' },
     dirty: { type: 'string', default: '6000,12000,25000' },
     rounds: { type: 'string', default: '300' },
   },
 });
+if (o.help) printUsageAndExit(import.meta.url);
 const pages = Number(o['ram-mib']) * 256;
 const rounds = Number(o.rounds);
 const rnd = new Prng(7);

@@ -14,9 +14,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { DISK_BLOCK, PendingDisk } from '../src/disk/index.js';
+import { printUsageAndExit } from './usage.js';
 
 const { values: o } = parseArgs({
   options: {
+    help: { type: 'boolean', short: 'h', default: false },
     mib: { type: 'string', default: '1,16,64' },
     reps: { type: 'string', default: '5' },
     pattern: { type: 'string', default: 'random' },
@@ -24,6 +26,7 @@ const { values: o } = parseArgs({
     'max-pending': { type: 'string', default: String(256 << 20) },
   },
 });
+if (o.help) printUsageAndExit(import.meta.url);
 const sizes = String(o.mib).split(',').map(Number);
 const reps = Number(o.reps);
 const IMAGE = 1 << 30;

@@ -10,15 +10,18 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { startPrecopySource } from '../src/harness/index.js';
 import { ReceiverChild } from './lib/receiver.js';
+import { printUsageAndExit } from './usage.js';
 
 const { values: o } = parseArgs({
   options: {
+    help: { type: 'boolean', short: 'h', default: false },
     'mem-mib': { type: 'string', default: '2048' },
     channels: { type: 'string', default: '0' },
     colo: { type: 'boolean', default: false },
     'no-huge-pages': { type: 'boolean', default: false },
   },
 });
+if (o.help) printUsageAndExit(import.meta.url);
 const memMiB = Number(o['mem-mib']);
 const channels = Number(o.channels);
 const dir = await mkdtemp(join(tmpdir(), 'colo-memory-'));

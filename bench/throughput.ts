@@ -1,4 +1,4 @@
-// npm run bench:throughput [-- --ram-mib 512 --channels 1,2,4,8 --layout 7.2 --repeat 3 --compression none|zlib|zstd]
+// npm run bench:throughput [-- --ram-mib 512 --channels 1,2,4,8 --layout 7.2 --repeat 3 --compression none|zlib|zstd --out FILE.json]
 //
 // The receiver's precopy throughput over loopback beside a ceiling measured in the same run.
 // Streams are produced once by the QEMU-exact synthetic source and captured per connection;
@@ -37,9 +37,11 @@ import { decodeMultiFDPacket, type Compression } from '../src/migration/multifd-
 import { listenForMigration } from '../src/net/listener.js';
 import { SyntheticSource } from '../src/sender/source.js';
 import { MULTIFD_INIT_LEN, MULTIFD_PACKET_HEADER_LEN, MULTIFD_PACKET_SIZE, TARGET_PAGE_SIZE } from '../src/wire/constants.js';
+import { printUsageAndExit } from './usage.js';
 
 const { values: o } = parseArgs({
   options: {
+    help: { type: 'boolean', short: 'h', default: false },
     'ram-mib': { type: 'string', default: '512' },
     channels: { type: 'string', default: '1,2,4,8' },
     layout: { type: 'string', default: '7.2' },
@@ -48,6 +50,7 @@ const { values: o } = parseArgs({
     out: { type: 'string' },
   },
 });
+if (o.help) printUsageAndExit(import.meta.url);
 const ramMiB = Number(o['ram-mib']);
 const channelList = String(o.channels).split(',').map(Number);
 const repeat = Number(o.repeat);
