@@ -56,8 +56,15 @@ export const RES_BASE = 24;
  */
 export const RES_PARTS = 32;
 export const RES_WORDS = 1 + 3 * RES_PARTS;
-export const RES_SLOTS = 4;
-export const HDR_SLOTS = 8;
+/**
+ * Reservations published ahead, and header slots: most of a loaded checkpoint's packets on one
+ * channel (~16 of 512 KiB for 32 MB over 4 channels) are read without waiting for the main
+ * thread. With 4 and 8 the readers waited on it whenever it waited for a core: COLO multifd-4
+ * under load 1.33x C's transfer, 1.18x with 12 and 32 (bench/README.md, session 6). The cost:
+ * up to 12 x 128 free slots held per connection (24 MiB over 4).
+ */
+export const RES_SLOTS = 12;
+export const HDR_SLOTS = 32;
 export const CTL_WORDS = RES_BASE + RES_WORDS * RES_SLOTS;
 
 export const CMD_READ = 1;
