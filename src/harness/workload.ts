@@ -168,7 +168,11 @@ export class UploadWorkload {
         }
       }
       f.sha256 = hash.digest('hex');
-      await new Promise<void>((resolve) => sock.end(resolve));
+      // end()'s callback waits for 'finish', which a socket destroyed by stop() may never
+      // emit: its close ends the wait too. (A bench:colo cell once never returned from
+      // stop(), the primary still checkpointing; this wait is the one without a way out.)
+      await Promise.race([new Promise<void>((resolve) => sock.end(resolve)), ended]);
+      if (this.stopping && closed) throw new Error('upload aborted');
       f.sentAt = nowMs();
     } catch (e) {
       f.error = (e as Error).message;
