@@ -170,13 +170,13 @@ export class Slab {
    * no mapped slot is free at all: the initial migration, and growth beyond the reserve.
    */
   takeRun(max: number, min: number): number {
+    const s = this.#halvingRun(max, min, true);
+    return s >= 0 || this.mappedFreeSlots > 0 ? s : this.#halvingRun(max, min, false);
+  }
+
+  #halvingRun(max: number, min: number, mappedOnly: boolean): number {
     for (let want = max; want >= min; want >>= 1) {
-      const s = this.allocRun(want, true);
-      if (s >= 0) { this.runLength = want; return s; }
-    }
-    if (this.mappedFreeSlots > 0) return -1;
-    for (let want = max; want >= min; want >>= 1) {
-      const s = this.allocRun(want);
+      const s = this.allocRun(want, mappedOnly);
       if (s >= 0) { this.runLength = want; return s; }
     }
     return -1;
