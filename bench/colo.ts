@@ -39,6 +39,9 @@ const USAGE = `bench:colo options:
   --disk                     disk cells instead (ours only): uploads land on an ext4 disk, synced
                              per file, with replication over NBD (README "Disks") and without it
                              (same disk, not replicated: what replication adds to the pause)
+  --split-cores              pin the primary (and this harness) to CPU 0 and the secondary to the
+                             other CPUs, as if on two hosts (COLO's deployment): neither side's
+                             threads wait for the other's. Default: all share every CPU
   --retries N                run a failed cell again up to N times (default 1)
   --receiver-env K=V[,K=V]   extra environment for our receiver (e.g. GLIBC_TUNABLES=glibc.malloc.hugetlb=1)
   --out DIR                  default bench/results
@@ -59,6 +62,7 @@ const { values: o } = parseArgs({
     'upload-mbps': { type: 'string', default: '40' },
     'nodelay-variant': { type: 'boolean', default: false },
     tls: { type: 'boolean', default: false },
+    'split-cores': { type: 'boolean', default: false },
     disk: { type: 'boolean', default: false },
     retries: { type: 'string', default: '1' },
     'receiver-env': { type: 'string' },
@@ -100,6 +104,9 @@ const intervalMs = num('interval-ms', o['interval-ms'], 0);
 const uploadMBps = Number(o['upload-mbps']);
 const nodelayVariant = Boolean(o['nodelay-variant']);
 const retries = num('retries', o.retries, 0);
+const nCpu = cpus().length;
+if (o['split-cores'] && nCpu < 2) fail('--split-cores needs at least 2 CPUs');
+const splitCores = o['split-cores'] ? { primary: '0', secondary: nCpu === 2 ? '1' : `1-${nCpu - 1}` } : undefined;
 const receiverEnv: Record<string, string> = {};
 for (const kv of String(o['receiver-env'] ?? '').split(',').filter(Boolean)) {
   const i = kv.indexOf('=');
@@ -151,7 +158,7 @@ const info: RunInfo = {
     qemuVersion: qemuVersion(qemuBin), guestRamMiB: ramMiB, node: process.version, kernel: release(),
     loadavgStart: loadStart, loadavgEnd: [],
   },
-  config: { modes, workloads, secondaries, checkpoints, warmup, intervalMs, uploadMBps, nodelayVariant, qemu: qemuOpt, qemuBinary: qemuBin, ...(Object.keys(receiverEnv).length ? { receiverEnv } : {}) },
+  config: { modes, workloads, secondaries, checkpoints, warmup, intervalMs, uploadMBps, nodelayVariant, qemu: qemuOpt, qemuBinary: qemuBin, ...(splitCores ? { splitCores } : {}), ...(Object.keys(receiverEnv).length ? { receiverEnv } : {}) },
   build,
 };
 
@@ -186,7 +193,7 @@ function write(final: boolean) {
 
 for (const [i, spec] of specs.entries()) {
   log(`cell ${i + 1}/${specs.length}: ${cellName(spec)} (load average ${loadavg()[0]!.toFixed(2)})`);
-  const cfg = { ramMiB, intervalMs, warmup, checkpoints, uploadMBps, ...(guest ? { guest } : {}), ...(pki ? { pki } : {}), runDir, receiverCli, receiverEnv, qemu: qemuCfg, log };
+  const cfg = { ramMiB, intervalMs, warmup, checkpoints, uploadMBps, ...(guest ? { guest } : {}), ...(pki ? { pki } : {}), runDir, receiverCli, receiverEnv, qemu: qemuCfg, ...(splitCores ? { splitCores } : {}), log };
   let r = await runCell(spec, cfg);
   for (let k = 0; k < retries && !r.ok; k++) {
     log(`  ${r.name} failed (${r.error}); running it again`);

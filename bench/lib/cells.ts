@@ -1,6 +1,7 @@
 // One benchmark cell = one primary (real QEMU 7.2 or the synthetic one) checkpointing into one
 // secondary (our receiver as a CLI child, or QEMU's own -incoming) for warm-up + N checkpoints.
 import { readFile } from 'node:fs/promises';
+import { execFileSync } from 'node:child_process';
 import { copyFileSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
@@ -75,6 +76,12 @@ export interface CellConfig {
   qemu?: { binary: string; colo10: boolean };
   /** Certificates for the TLS cells (made once per run). */
   pki?: Pki;
+  /**
+   * COLO's primary and secondary run on two hosts: pin the primary (and this harness, which
+   * drives its upload) to these CPUs and the secondary to the others, so neither takes the
+   * other's CPU time (taskset -a: every thread, and threads made later inherit it).
+   */
+  splitCores?: { primary: string; secondary: string };
   log: (msg: string) => void;
 }
 
@@ -159,6 +166,11 @@ export async function runCell(spec: CellSpec, cfg: CellConfig): Promise<CellResu
   return res;
 }
 
+/** Every thread of `pid` onto `cpus` (a taskset list); threads it makes later inherit it. */
+function pin(pid: number, cpus: string): void {
+  execFileSync('taskset', ['-a', '-p', '-c', cpus, String(pid)], { stdio: 'ignore' });
+}
+
 function round2(x: number): number { return Math.round(x * 100) / 100; }
 
 function track<T>(kill: () => T): () => T {
@@ -208,6 +220,11 @@ async function qemuCell(spec: CellSpec, cfg: CellConfig, runDir: string, res: Ce
   });
   track(() => primary.kill());
   res.bootMs = primary.bootMs;
+  if (cfg.splitCores) {
+    pin(primary.proc.pid, cfg.splitCores.primary);
+    pin(process.pid, cfg.splitCores.primary);
+    pin(recv ? recv.pid : sec!.proc.pid, cfg.splitCores.secondary);
+  }
   if (spec.disk === 'replicated') await attachReplication(primary, { primaryImage: primaryImg, receiverPath: receiverImg, nbdPort: await recv!.nbdPort() });
   const alsoAlive = sec ? [sec.proc] : [];
   const tm = Date.now();

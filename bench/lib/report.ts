@@ -24,7 +24,7 @@ export interface RunInfo {
     loadavgStart: number[];
     loadavgEnd: number[];
   };
-  config: { modes: number[]; workloads: string[]; secondaries: string[]; checkpoints: number; warmup: number; intervalMs: number; uploadMBps: number; nodelayVariant: boolean; receiverEnv?: Record<string, string>; qemu?: string; qemuBinary?: string };
+  config: { modes: number[]; workloads: string[]; secondaries: string[]; checkpoints: number; warmup: number; intervalMs: number; uploadMBps: number; nodelayVariant: boolean; receiverEnv?: Record<string, string>; qemu?: string; qemuBinary?: string; splitCores?: { primary: string; secondary: string } };
   /** The receiver build measured: git HEAD and how many files under src/ and workers/ differed from it. */
   build?: { gitHead: string; uncommitted: number };
 }
@@ -199,6 +199,7 @@ export function markdown(info: RunInfo, results: CellResult[], chartFiles: Chart
   L.push(`- Checkpoints every ${info.config.intervalMs} ms (x-checkpoint-delay); ${info.config.warmup} warm-up then **${info.config.checkpoints} measured** per cell; load = host upload into the guest at ${info.config.uploadMBps} MB/s target over user-net hostfwd${synth ? ' (synthetic: lognormal ~25 MB/checkpoint; idle ~60 pages)' : ''}`);
   L.push(`- Load average (1/5/15 min) at start ${mc.loadavgStart.join(' / ')}, at end ${mc.loadavgEnd.join(' / ')}; per cell below.${highLoad ? ` **The machine was loaded (load average above the CPU count at times: other engineers' jobs share these ${mc.cpus} cores); tails (p99/max) are inflated by that, for both secondaries alike — they ran interleaved, cell by cell.**` : ''}`);
   L.push(`- Secondaries: **ours** = \`colo-receiver listen\` as a CLI child (\`--multifd-channels N --stats-json --checkpoints-csv\`${info.config.receiverEnv ? `, environment ${Object.entries(info.config.receiverEnv).map(([k, v]) => `\`${k}=${v}\``).join(' ')}` : ''}); ${synth ? "QEMU's own secondary cannot load a synthetic device state, so the C column is NOTES.md's real-primary figure (not this run)" : (q10 ? `**C** = \`qemu-system-x86_64 -incoming\` ${qv} built by scripts/build-qemu10-colo.sh (diskless COLO secondary, x-colo set; multifd with the seed's semantics in C, native/qemu-10.0.2-colo.patch; no shim cache redirect)` : '**C** = `qemu-system-x86_64 -incoming` 7.2 (diskless COLO secondary; multifd with the shim\'s cache redirect, which stands in for the seed\'s C fix)')}.`);
+  if (info.config.splitCores) L.push(`- **Split cores** (\`--split-cores\`): the primary and this harness pinned to CPU ${info.config.splitCores.primary}, each secondary to CPU ${info.config.splitCores.secondary}, as if on two hosts.`);
   L.push(`- TCP_NODELAY: ${results.some((r) => r.nodelay) ? 'on for QEMU\'s sockets via the shim in the main tables (as in NOTES.md); ours always sets it on its side' : 'off'}${info.config.nodelayVariant ? '; the stock no-NODELAY variant is reported separately below' : ''}.`);
   L.push(`- Times in ms; percentiles nearest-rank (p99 of 100 = the 99th smallest).`, '');
 

@@ -6,7 +6,7 @@ import { MigrationError } from '../../src/errors.js';
 import { silentLogger } from '../../src/log.js';
 import { RAMBlockList } from '../../src/memory/ram-block.js';
 import { CheckpointStats } from '../../src/migration/checkpoint-stats.js';
-import { ColoIncoming, HEARTBEAT_AUTO_FIRST_MS, type ColoHost, type ColoPhase } from '../../src/migration/colo.js';
+import { ColoIncoming, HEARTBEAT_AUTO_FIRST_MS, slotsToMapAhead, type ColoHost, type ColoPhase } from '../../src/migration/colo.js';
 import { DEFAULT_LIMITS } from '../../src/migration/limits.js';
 import { ByteQueue } from '../../src/wire/byte-queue.js';
 import {
@@ -96,5 +96,23 @@ describe('ColoIncoming', () => {
     c.stop();
     assert.equal(new ColoIncoming(fakeHost(1234).host).heartbeatMs, 1234);
     assert.equal(new ColoIncoming(fakeHost(0).host).heartbeatMs, 0);
+  });
+});
+
+describe('slots mapped ahead of the next checkpoint', () => {
+  test('steady load: 1.25 x the largest recent checkpoint', () => {
+    assert.equal(slotsToMapAhead([]), 0);
+    assert.equal(slotsToMapAhead([11_000, 10_500, 11_200, 10_900]), Math.ceil(1.25 * 11_200));
+    assert.equal(slotsToMapAhead([200, 260, 210]), Math.ceil(1.25 * 260));
+  });
+  test('a new high (load ramping up) maps for one more step of the same size', () => {
+    // Real QEMU 7.2 upload run: ~260 pages idle, then 5,895, then 11,491.
+    const r = slotsToMapAhead([260, 250, 5_895]);
+    assert.equal(r, Math.ceil(1.25 * (2 * 5_895 - 260)));
+    assert.ok(r >= 11_491, 'the second step of the ramp finds its slots mapped');
+    // The step after a new high that did not grow again: back to the largest.
+    assert.equal(slotsToMapAhead([260, 5_895, 11_491, 11_000]), Math.ceil(1.25 * 11_491));
+    // The first checkpoint alone is no step.
+    assert.equal(slotsToMapAhead([5_000]), Math.ceil(1.25 * 5_000));
   });
 });
