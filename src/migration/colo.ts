@@ -213,7 +213,7 @@ export class ColoIncoming {
     slab.releaseDeferred();
     cur.flushedPages = flushed;
     cur.tFlushEnd = performance.now();
-    this.#noteDirty(flushed);
+    this.#dirty.note(flushed);
     h.commitImage(cur.index, blob.subarray(0, blob.length - 1));
     this.#blob = null;
     this.#reply(COLO_MESSAGE_VMSTATE_LOADED);
@@ -264,10 +264,10 @@ export class ColoIncoming {
    */
   #prefault(index: number): void {
     // The next checkpoint takes a new slot per dirty page (the old ones are freed only at its
-    // commit): slotsToMapAhead(). The 2x reserve trim keeps is there to avoid giving chunks
-    // back and forth; mapping all of it cost ~80 MiB of VmHWM.
+    // commit): DirtyHistory.mapAhead(). The 2x reserve trim keeps is there to avoid giving
+    // chunks back and forth; mapping all of it cost ~80 MiB of VmHWM.
     const h = this.host, slab = h.blocks.slab;
-    const reserve = slotsToMapAhead(this.#recentDirty);
+    const reserve = this.#dirty.mapAhead();
     const step = (): void => {
       if (h.ended() || this.#cur !== null && this.#cur.index !== index) return;
       if (slab.prefaultStep(reserve)) setImmediate(step);
@@ -275,16 +275,11 @@ export class ColoIncoming {
     setImmediate(step);
   }
 
-  /** Dirty pages of the last checkpoints: what the slab keeps free for the next one. */
-  readonly #recentDirty: number[] = [];
-  #noteDirty(pages: number): void {
-    this.#recentDirty.push(pages);
-    if (this.#recentDirty.length > 16) this.#recentDirty.shift();
-  }
-  #largestRecentDirty(): number { return Math.max(0, ...this.#recentDirty); }
-  /** Free slots kept after a commit: twice the largest recent checkpoint, at least one chunk. */
+  /** Dirty pages of past checkpoints: what the slab maps ahead and keeps free. */
+  readonly #dirty = new DirtyHistory();
+  /** Free slots kept after a commit (DirtyHistory.keepFree), at least one chunk. */
   #reserveSlots(): number {
-    return Math.max(this.host.blocks.slab.chunkSlots, 2 * this.#largestRecentDirty(), slotsToMapAhead(this.#recentDirty));
+    return this.#dirty.keepFree(this.host.blocks.slab.chunkSlots);
   }
 
   // ---------------------------------------------------------------- heartbeat
@@ -323,8 +318,8 @@ export class ColoIncoming {
 
 /**
  * Free slots to map before the next checkpoint, from the dirty-page counts of the recent ones
- * (oldest first): 1.25 x the largest, or, when the last one set a new high (a workload
- * starting or speeding up), as if it grows once more by the same step. Real QEMU upload runs
+ * (oldest first): 1.25 x the largest, or, when the last one stepped clearly above them (a
+ * workload starting or speeding up), as if it grows once more by the same step. Real QEMU upload runs
  * ramp in two steps (~260 -> ~5,900 -> ~11,300 pages): the second step faulted 200-2,500
  * fresh slots on the primary's clock (27-137 ms checkpoints against ~20 ms). Steady load
  * maps no more than before; only a ramp maps ahead of it.
@@ -336,6 +331,59 @@ export function slotsToMapAhead(recent: readonly number[]): number {
   if (recent.length === 1) return Math.ceil(1.25 * last);
   let before = 0;
   for (let i = 0; i < recent.length - 1; i++) if (recent[i]! > before) before = recent[i]!;
-  const expect = last > before ? 2 * last - before : Math.max(last, before);
+  // Only a clear step (half as much again): a new high by noise (sizes that wobble around a
+  // level, as the soak's lognormal ones do) would map a step ahead every time and creep.
+  const expect = last >= 1.5 * before ? 2 * last - before : Math.max(last, before);
   return Math.ceil(1.25 * expect);
+}
+
+/**
+ * Dirty-page counts of past checkpoints (each commit's), for the slab: how many free slots to
+ * map before the next checkpoint (mapAhead) and how many to keep when giving chunks back
+ * (keepFree).
+ */
+export class DirtyHistory {
+  /** Checkpoints whose counts set what is mapped ahead. */
+  static readonly RECENT = 16;
+  /**
+   * Checkpoints whose largest count trim still keeps room for (~2.5 min at a 600 ms interval):
+   * slots of a kept chunk stay mapped, so load that resumes after a pause finds them. With the
+   * 16 recent ones alone, ~10 s of idle left two chunks (64 MiB) free, and a checkpoint larger
+   * than that faulted the rest in on the primary's clock: on this machine ~40 us per fresh
+   * 4 KiB page against ~2 us per page otherwise (the first loaded checkpoint of a bench cell,
+   * ~5,000 fresh slots: 190-270 ms against ~20 ms).
+   */
+  static readonly KEEP = 256;
+  readonly #ring = new Uint32Array(DirtyHistory.KEEP);
+  #count = 0;
+
+  note(pages: number): void {
+    this.#ring[this.#count % DirtyHistory.KEEP] = Math.min(pages, 0xffff_ffff);
+    this.#count++;
+  }
+
+  /** The last `n` counts, oldest first. */
+  last(n: number): number[] {
+    const k = Math.min(n, this.#count, DirtyHistory.KEEP), out: number[] = [];
+    for (let i = this.#count - k; i < this.#count; i++) out.push(this.#ring[i % DirtyHistory.KEEP]!);
+    return out;
+  }
+
+  /** Free slots to map before the next checkpoint: slotsToMapAhead() of the recent counts. */
+  mapAhead(): number { return slotsToMapAhead(this.last(DirtyHistory.RECENT)); }
+
+  /**
+   * Free slots trim keeps: twice the largest recent checkpoint (a chunk is not given back and
+   * mapped again as sizes wobble), what is mapped ahead, 1.25 x the largest of the last KEEP,
+   * and at least `minSlots`.
+   */
+  keepFree(minSlots: number): number {
+    let recent = 0, kept = 0;
+    const all = this.last(DirtyHistory.KEEP);
+    for (let i = 0; i < all.length; i++) {
+      if (all[i]! > kept) kept = all[i]!;
+      if (i >= all.length - DirtyHistory.RECENT && all[i]! > recent) recent = all[i]!;
+    }
+    return Math.max(minSlots, 2 * recent, this.mapAhead(), Math.ceil(1.25 * kept));
+  }
 }

@@ -6,7 +6,7 @@ import { MigrationError } from '../../src/errors.js';
 import { silentLogger } from '../../src/log.js';
 import { RAMBlockList } from '../../src/memory/ram-block.js';
 import { CheckpointStats } from '../../src/migration/checkpoint-stats.js';
-import { ColoIncoming, HEARTBEAT_AUTO_FIRST_MS, slotsToMapAhead, type ColoHost, type ColoPhase } from '../../src/migration/colo.js';
+import { ColoIncoming, HEARTBEAT_AUTO_FIRST_MS, slotsToMapAhead, DirtyHistory, type ColoHost, type ColoPhase } from '../../src/migration/colo.js';
 import { DEFAULT_LIMITS } from '../../src/migration/limits.js';
 import { ByteQueue } from '../../src/wire/byte-queue.js';
 import {
@@ -105,14 +105,36 @@ describe('slots mapped ahead of the next checkpoint', () => {
     assert.equal(slotsToMapAhead([11_000, 10_500, 11_200, 10_900]), Math.ceil(1.25 * 11_200));
     assert.equal(slotsToMapAhead([200, 260, 210]), Math.ceil(1.25 * 260));
   });
-  test('a new high (load ramping up) maps for one more step of the same size', () => {
+  test('a clear step up (load ramping up) maps for one more step of the same size', () => {
     // Real QEMU 7.2 upload run: ~260 pages idle, then 5,895, then 11,491.
     const r = slotsToMapAhead([260, 250, 5_895]);
     assert.equal(r, Math.ceil(1.25 * (2 * 5_895 - 260)));
     assert.ok(r >= 11_491, 'the second step of the ramp finds its slots mapped');
     // The step after a new high that did not grow again: back to the largest.
     assert.equal(slotsToMapAhead([260, 5_895, 11_491, 11_000]), Math.ceil(1.25 * 11_491));
+    // A new high by less than half as much again is noise, not a step.
+    assert.equal(slotsToMapAhead([10_000, 9_000, 12_000]), Math.ceil(1.25 * 12_000));
+    assert.equal(slotsToMapAhead([10_000, 9_000, 15_000]), Math.ceil(1.25 * 20_000));
     // The first checkpoint alone is no step.
     assert.equal(slotsToMapAhead([5_000]), Math.ceil(1.25 * 5_000));
+  });
+});
+
+describe('dirty history: what the slab maps ahead and keeps', () => {
+  test('mapAhead follows the recent checkpoints; keepFree remembers the peak of the long window', () => {
+    const h = new DirtyHistory();
+    assert.equal(h.mapAhead(), 0);
+    assert.equal(h.keepFree(8192), 8192);
+    for (let i = 0; i < 20; i++) h.note(40_000);        // a loaded phase, 40,000 pages each
+    assert.equal(h.mapAhead(), 50_000);
+    assert.equal(h.keepFree(8192), 80_000);             // twice the largest recent one
+    for (let i = 0; i < 100; i++) h.note(250);          // idle, 100 checkpoints
+    assert.equal(h.mapAhead(), Math.ceil(1.25 * 250));
+    assert.deepEqual(h.last(3), [250, 250, 250]);
+    // The loaded phase is out of the recent window, not out of the kept one.
+    assert.equal(h.keepFree(8192), 50_000);
+    for (let i = 0; i < DirtyHistory.KEEP; i++) h.note(250);
+    assert.equal(h.keepFree(8192), 8192);               // long gone: one chunk
+    assert.equal(h.last(DirtyHistory.KEEP + 10).length, DirtyHistory.KEEP);
   });
 });
