@@ -112,9 +112,10 @@ describe('slots mapped ahead of the next checkpoint', () => {
     assert.ok(r >= 11_491, 'the second step of the ramp finds its slots mapped');
     // The step after a new high that did not grow again: back to the largest.
     assert.equal(slotsToMapAhead([260, 5_895, 11_491, 11_000]), Math.ceil(1.25 * 11_491));
-    // A new high by less than half as much again is noise, not a step.
+    // A new high below three times the recent ones is noise, not a step.
     assert.equal(slotsToMapAhead([10_000, 9_000, 12_000]), Math.ceil(1.25 * 12_000));
-    assert.equal(slotsToMapAhead([10_000, 9_000, 15_000]), Math.ceil(1.25 * 20_000));
+    assert.equal(slotsToMapAhead([10_000, 9_000, 29_000]), Math.ceil(1.25 * 29_000));
+    assert.equal(slotsToMapAhead([10_000, 9_000, 30_000]), Math.ceil(1.25 * 50_000));
     // The first checkpoint alone is no step.
     assert.equal(slotsToMapAhead([5_000]), Math.ceil(1.25 * 5_000));
   });
