@@ -350,10 +350,10 @@ export class DirtyHistory {
   /**
    * Checkpoints whose largest count trim still keeps room for (~2.5 min at a 600 ms interval):
    * slots of a kept chunk stay mapped, so load that resumes after a pause finds them. With the
-   * 16 recent ones alone, ~10 s of idle left two chunks (64 MiB) free, and a checkpoint larger
-   * than that faulted the rest in on the primary's clock: on this machine ~40 us per fresh
-   * 4 KiB page against ~2 us per page otherwise (the first loaded checkpoint of a bench cell,
-   * ~5,000 fresh slots: 190-270 ms against ~20 ms).
+   * 16 recent ones alone, ~10 s of idle would leave two chunks (64 MiB) free, and a larger
+   * checkpoint would fault the rest in on the primary's clock: on this machine ~40 us per fresh
+   * 4 KiB page against ~2 us per page otherwise (measured: the first loaded checkpoint of a
+   * bench cell, ~5,000 fresh slots, 120-270 ms against ~20 ms).
    */
   static readonly KEEP = 256;
   readonly #ring = new Uint32Array(DirtyHistory.KEEP);
