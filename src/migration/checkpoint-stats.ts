@@ -27,6 +27,14 @@ export interface CheckpointRecord {
   transferBusyMs: number;
   /** Slots this checkpoint took from never-mapped memory (each faulted in during a write). */
   freshPages?: number;
+  /** Main-thread GC pauses that began between CHECKPOINT_REQUEST and VMSTATE_LOADED (src/ops/gc-time.ts). */
+  gcMs?: number;
+  /**
+   * Multifd only: normal pages the kernel read straight into their slots (the rest went
+   * through a staging slot and a page writer), and the channels' socket reads.
+   */
+  directPages?: number;
+  reads?: number;
 }
 
 export interface Dist { n: number; mean: number; p50: number; p99: number; max: number }
@@ -82,7 +90,7 @@ export class CheckpointStats {
   logLine(c: CheckpointRecord): Record<string, unknown> {
     const d = durations(c);
     const r = (x: number) => Math.round(x * 1000) / 1000;
-    return { checkpoint: c.index, transferMs: r(d.transferMs), transferBusyMs: r(c.transferBusyMs), blobMs: r(d.blobMs), flushMs: r(d.flushMs), pauseMs: r(d.pauseMs), pages: c.pages, zeroPages: c.zeroPages, flushedPages: c.flushedPages, bytes: c.channelBytes.reduce((a, b) => a + b, 0), blobBytes: c.blobBytes, freshPages: c.freshPages };
+    return { checkpoint: c.index, transferMs: r(d.transferMs), transferBusyMs: r(c.transferBusyMs), blobMs: r(d.blobMs), flushMs: r(d.flushMs), pauseMs: r(d.pauseMs), pages: c.pages, zeroPages: c.zeroPages, flushedPages: c.flushedPages, bytes: c.channelBytes.reduce((a, b) => a + b, 0), blobBytes: c.blobBytes, freshPages: c.freshPages, gcMs: c.gcMs, directPages: c.directPages, reads: c.reads };
   }
 
   summary(): Record<string, unknown> {

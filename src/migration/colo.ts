@@ -11,6 +11,7 @@ import {
 import { be32 } from '../wire/reader.js';
 import type { CheckpointRecord, CheckpointStats } from './checkpoint-stats.js';
 import type { Limits } from './limits.js';
+import { gcMsBetween, watchGc } from '../ops/gc-time.js';
 
 /** QEMU's default x-checkpoint-delay is 20 s: until the interval is known, wait longer than that. */
 export const HEARTBEAT_AUTO_FIRST_MS = 30_000;
@@ -29,7 +30,11 @@ export const ioTurn = (): Promise<void> => new Promise((r) => setImmediate(() =>
 export type ColoPhase = 'colo-idle' | 'colo-send' | 'colo-size' | 'colo-blob' | 'colo-check' | 'committing';
 
 /** Page counters of one channel, cumulative since the migration began. */
-export interface ChannelCounts { readonly pages: number; readonly zeroPages: number; readonly bytes: number }
+export interface ChannelCounts {
+  readonly pages: number; readonly zeroPages: number; readonly bytes: number;
+  /** Multifd: pages the kernel read straight into their slots, and socket reads. */
+  readonly directPages?: number; readonly reads?: number;
+}
 
 /** The event a commit emits (checkpoint 0 is the initial migration). */
 export type CheckpointEvent = { index: number; initial: true } | { index: number; initial: false; record: CheckpointRecord };
@@ -94,6 +99,7 @@ export class ColoIncoming {
   enter(): void {
     // COLO state: from now on pages land in the cache only, with dirty bits (spec §5.6 rule 3).
     this.active = true;
+    watchGc((p) => this.host.log.info({ gcMs: Math.round(p.ms * 1000) / 1000, kind: p.kind, checkpoint: this.#cur?.index ?? 0 }, 'long GC pause on the main thread'));
     this.host.setPhase('colo-idle');
     this.#reply(COLO_MESSAGE_CHECKPOINT_READY);
     this.#armHeartbeat();
@@ -238,7 +244,7 @@ export class ColoIncoming {
     this.#counterBase = {
       fresh: this.host.blocks.slab.freshSlots,
       main: { pages: main.pages, zeroPages: main.zeroPages, bytes: main.bytes },
-      ch: channels.map((c) => ({ pages: c.pages, zeroPages: c.zeroPages, bytes: c.bytes })),
+      ch: channels.map((c) => ({ pages: c.pages, zeroPages: c.zeroPages, bytes: c.bytes, directPages: c.directPages ?? 0, reads: c.reads ?? 0 })),
     };
   }
 
@@ -249,11 +255,15 @@ export class ColoIncoming {
     cur.zeroPages = main.zeroPages - base.main.zeroPages;
     cur.channelBytes = [main.bytes - base.main.bytes];
     cur.freshPages = this.host.blocks.slab.freshSlots - base.fresh;
+    cur.gcMs = Math.round(gcMsBetween(cur.tRequest, cur.tLoaded) * 1000) / 1000;
+    if (channels.length > 0) { cur.directPages = 0; cur.reads = 0; }
     channels.forEach((c, i) => {
       const b = base.ch[i] ?? { pages: 0, zeroPages: 0, bytes: 0 };
       cur.pages += c.pages - b.pages;
       cur.zeroPages += c.zeroPages - b.zeroPages;
       cur.channelBytes.push(c.bytes - b.bytes);
+      cur.directPages! += (c.directPages ?? 0) - (b.directPages ?? 0);
+      cur.reads! += (c.reads ?? 0) - (b.reads ?? 0);
     });
   }
 

@@ -164,6 +164,8 @@ export class MultiFDChannel implements PacketReader {
   #readExact = false;
   /** Payload bytes that a socket read put straight into their page slots or a staging slot. */
   directBytes = 0;
+  /** Socket reads on the main thread (direct-read path), for the checkpoint log line. */
+  reads = 0;
 
   /** The socket was adopted for direct reads: payloads may go straight into page slots. */
   useDirectReads(): void { this.#directReads = true; }
@@ -204,6 +206,7 @@ export class MultiFDChannel implements PacketReader {
   readExact(): boolean { return this.#readExact; }
 
   onDirectRead(n: number): void {
+    this.reads++;
     if (this.#state === St.Failed) return;
     if (!this.#readDirect) { this.push(Buffer.from(this.#readBuf.buffer, this.#readBuf.byteOffset, n)); return; }
     this.q.consumedElsewhere(n);

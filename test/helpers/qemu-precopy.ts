@@ -10,7 +10,7 @@ export const PRECOPY_MEM = 256 * 1024 * 1024;
 export interface PrecopyStats {
   outcome: string;
   pages: number;
-  channels: { channel: string; pages: number; bytes: number; packets?: number }[];
+  channels: { channel: string; pages: number; zeroPages?: number; bytes: number; packets?: number }[];
 }
 
 /** Guest-physical ranges QEMU's own restore leaves alone: below VGA and from 1 MiB up (the rule). */
@@ -98,7 +98,10 @@ export async function precopyIntoReceiver(name: string, a: Buffer, b: Buffer, cl
     // 7.2 and 10.0 send every non-zero page through multifd (spec §3.5): the main channel carries
     // none (10.0 with zero-page-detection=legacy sends its zero pages there)
     if (run.zeroPageDetection !== 'legacy') assert.equal(stats.channels[0]!.pages, 0, 'every non-zero page goes through multifd');
-    assert.ok(stats.channels.slice(1).every((c) => c.pages > 0), 'every multifd channel carried pages');
+    // With zero-page-detection=multifd a packet may hold only zero pages, and QEMU hands packets
+    // to whichever channel is idle: with ~2,100 non-zero pages a channel can see none of them
+    // (it happened in CI), but it still carries its share of the 65,536 pages
+    assert.ok(stats.channels.slice(1).every((c) => c.pages + (c.zeroPages ?? 0) > 0), 'every multifd channel carried pages');
   }
   assert.ok(stats.pages >= (a.length + b.length) / 4096);
   return stats;
