@@ -35,6 +35,13 @@ export interface CheckpointRecord {
    */
   directPages?: number;
   reads?: number;
+  /**
+   * getrusage() of the whole process over the transfer: CPU in user and kernel space, page
+   * faults, and how often a thread was preempted. With transferBusyMs it tells a slow
+   * checkpoint's causes apart: our code (user), the kernel's copies and faults (sys,
+   * minorFaults), or waiting for a CPU (busy far above user + sys, involuntary switches).
+   */
+  transferCpu?: { userMs: number; sysMs: number; minorFaults: number; involuntarySwitches: number };
 }
 
 export interface Dist { n: number; mean: number; p50: number; p99: number; max: number }
@@ -90,7 +97,7 @@ export class CheckpointStats {
   logLine(c: CheckpointRecord): Record<string, unknown> {
     const d = durations(c);
     const r = (x: number) => Math.round(x * 1000) / 1000;
-    return { checkpoint: c.index, transferMs: r(d.transferMs), transferBusyMs: r(c.transferBusyMs), blobMs: r(d.blobMs), flushMs: r(d.flushMs), pauseMs: r(d.pauseMs), pages: c.pages, zeroPages: c.zeroPages, flushedPages: c.flushedPages, bytes: c.channelBytes.reduce((a, b) => a + b, 0), blobBytes: c.blobBytes, freshPages: c.freshPages, gcMs: c.gcMs, directPages: c.directPages, reads: c.reads };
+    return { checkpoint: c.index, transferMs: r(d.transferMs), transferBusyMs: r(c.transferBusyMs), blobMs: r(d.blobMs), flushMs: r(d.flushMs), pauseMs: r(d.pauseMs), pages: c.pages, zeroPages: c.zeroPages, flushedPages: c.flushedPages, bytes: c.channelBytes.reduce((a, b) => a + b, 0), blobBytes: c.blobBytes, freshPages: c.freshPages, gcMs: c.gcMs, directPages: c.directPages, reads: c.reads, transferCpu: c.transferCpu };
   }
 
   summary(): Record<string, unknown> {

@@ -138,4 +138,26 @@ describe('dirty history: what the slab maps ahead and keeps', () => {
     assert.equal(h.keepFree(8192), 8192);               // long gone: one chunk
     assert.equal(h.last(DirtyHistory.KEEP + 10).length, DirtyHistory.KEEP);
   });
+
+  test('a step up keeps its expected second step mapped while it is recent', () => {
+    // A real QEMU 7.2 upload run (bench:colo s8-rusage1): idle, the first step, a pause, the second step.
+    const h = new DirtyHistory();
+    for (const p of [249, 200, 221, 184, 251]) h.note(p);
+    h.note(5_925);
+    const step = Math.ceil(1.25 * (2 * 5_925 - 251));
+    assert.equal(h.mapAhead(), step);
+    for (const p of [6_502, 6_496, 210, 212, 5_698]) {
+      h.note(p);
+      assert.equal(h.mapAhead(), step, `after ${p} pages the second step is still expected`);
+    }
+    assert.ok(h.mapAhead() >= 11_351, 'the second step (11,351 pages) finds its slots mapped');
+    h.note(11_351);
+    // 16 checkpoints after the step it is forgotten: back to 1.25 x the largest recent one.
+    for (let i = 0; i < DirtyHistory.RECENT; i++) h.note(6_500);
+    assert.equal(h.mapAhead(), Math.ceil(1.25 * 6_500));
+    // Noise (below 3x the recent ones) never holds anything.
+    const n = new DirtyHistory();
+    for (const p of [6_000, 5_000, 7_000, 17_000, 6_000]) n.note(p);
+    assert.equal(n.mapAhead(), Math.ceil(1.25 * 17_000));
+  });
 });
