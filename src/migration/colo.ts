@@ -266,15 +266,16 @@ export class ColoIncoming {
     cur.channelBytes = [main.bytes - base.main.bytes];
     cur.freshPages = this.host.blocks.slab.freshSlots - base.fresh;
     cur.gcMs = Math.round(gcMsBetween(cur.tRequest, cur.tLoaded) * 1000) / 1000;
-    if (channels.length > 0) { cur.directPages = 0; cur.reads = 0; }
+    let direct = 0, reads = 0;
     channels.forEach((c, i) => {
       const b = base.ch[i] ?? { pages: 0, zeroPages: 0, bytes: 0 };
       cur.pages += c.pages - b.pages;
       cur.zeroPages += c.zeroPages - b.zeroPages;
       cur.channelBytes.push(c.bytes - b.bytes);
-      cur.directPages! += (c.directPages ?? 0) - (b.directPages ?? 0);
-      cur.reads! += (c.reads ?? 0) - (b.reads ?? 0);
+      direct += (c.directPages ?? 0) - (b.directPages ?? 0);
+      reads += (c.reads ?? 0) - (b.reads ?? 0);
     });
+    if (channels.length > 0) { cur.directPages = direct; cur.reads = reads; }
   }
 
   /**
@@ -351,12 +352,23 @@ export function slotsToMapAhead(recent: readonly number[]): number {
   if (recent.length === 1) return Math.ceil(1.25 * last);
   let before = 0;
   for (let i = 0; i < recent.length - 1; i++) if (recent[i]! > before) before = recent[i]!;
-  // Only a clear step (three times the recent ones; a real ramp's first step is ~20x): mapped
-  // memory stays mapped until its chunk is wholly free, so every extrapolated step raises the
-  // resident set for good. At 1.5x the soak's lognormal sizes fired it often enough for RSS
-  // to creep (271.6 -> 325.4 MiB over 10,000 checkpoints, against 245 -> 275 without).
-  const expect = last >= 3 * before ? 2 * last - before : Math.max(last, before);
-  return Math.ceil(1.25 * expect);
+  return Math.ceil(1.25 * Math.max(stepExpectation(last, before), last, before));
+}
+
+/**
+ * Only a clear step counts (three times the recent ones; a real ramp's first step is ~20x):
+ * mapped memory stays mapped until its chunk is wholly free, so every extrapolated step raises
+ * the resident set for good. At 1.5x the soak's lognormal sizes fired it often enough for RSS
+ * to creep (271.6 -> 325.4 MiB over 10,000 checkpoints, against 245 -> 275 without).
+ */
+const STEP_RATIO = 3;
+
+/**
+ * Dirty pages to expect after `last` when it stepped up from `before` (the largest of the
+ * recent checkpoints before it): one more step of the same size. 0 when it is no step.
+ */
+function stepExpectation(last: number, before: number): number {
+  return last >= STEP_RATIO * before ? 2 * last - before : 0;
 }
 
 /**
@@ -389,10 +401,8 @@ export class DirtyHistory {
 
   note(pages: number): void {
     const before = this.last(DirtyHistory.RECENT - 1);
-    if (before.length > 0) {
-      const max = Math.max(...before);
-      if (pages >= 3 * max) { this.#stepExpect = 2 * pages - max; this.#stepUntil = this.#count + DirtyHistory.RECENT; }
-    }
+    const step = before.length > 0 ? stepExpectation(pages, Math.max(...before)) : 0;
+    if (step > 0) { this.#stepExpect = step; this.#stepUntil = this.#count + DirtyHistory.RECENT; }
     this.#ring[this.#count % DirtyHistory.KEEP] = Math.min(pages, 0xffff_ffff);
     this.#count++;
   }
