@@ -60,6 +60,10 @@ export class MultifdSync {
     const h = this.host;
     if (this.barriers === 0) this.#firstBarrierAt = performance.now();
     this.barriers++;
+    // The primary writes the main channel's EOS (or FLUSH) only after every channel's SYNC,
+    // so under load the barrier usually finds them all parked already: closed here, with no
+    // promise, timer or pause of the main channel between the RAM part's last bytes and its end.
+    if (this.#closable()) { this.#close(); return undefined; }
     const io = h.ioTimeoutMs;
     return new Promise<void>((resolve, reject) => {
       // A channel that stays silent without closing would hold the barrier for ever (QEMU 7.2
@@ -120,11 +124,25 @@ export class MultifdSync {
     if (h.channels.length < this.expected || !h.channels.every((c) => c.synced)) return;
     const late = this.#roundSpread();
     if (late) { h.fail(late, false); return; }
-    this.#roundFloor = this.#roundMax;
     this.#barrier = null;
-    h.roundClosed();
-    for (const c of h.channels) c.release();
+    this.#close();
     b.resolve();
+  }
+
+  /** Every channel is parked at this barrier's SYNC and the round is consistent (what check() fails on is left to it). */
+  #closable(): boolean {
+    const h = this.host;
+    if (this.expected === undefined || h.ended()) return false;
+    if (h.channels.length < this.expected) return false;
+    for (const c of h.channels) if (!c.synced || c.exhausted) return false;
+    return this.#roundSpread() === null;
+  }
+
+  /** The round is complete: its packet numbers close, deferred slots free up, the channels go on. */
+  #close(): void {
+    this.#roundFloor = this.#roundMax;
+    this.host.roundClosed();
+    for (const c of this.host.channels) c.release();
   }
 
   /** The migration ended: a barrier in progress fails with its reason, timers stop. */
