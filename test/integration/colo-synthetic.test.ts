@@ -5,6 +5,7 @@ import { describe, test } from 'node:test';
 import { SyntheticSource } from '../../src/sender/source.js';
 import { coloRoundTrip, startReceiver } from '../helpers/synthetic.js';
 import { compareImage } from '../../src/verify/compare.js';
+import { mapAheadFloor } from '../../src/migration/colo.js';
 
 const cases = [
   { layout: '7.2', channels: 0, workload: 'load' }, { layout: '7.2', channels: 4, workload: 'load' },
@@ -24,6 +25,24 @@ describe('COLO checkpoints from the synthetic primary', () => {
       assert.equal(mig.channels.length, c.channels);
     });
   }
+});
+
+describe('slots kept mapped while the guest is idle', () => {
+  test('an idle COLO session keeps mapAheadFloor() free slots mapped for the first loaded checkpoint', async () => {
+    const r = await startReceiver({ multifdChannels: 4, heartbeatTimeoutMs: 0 });
+    try {
+      const src = new SyntheticSource({ colo: true, port: r.port, layout: '7.2', channels: 4, checkpoints: 4, workload: 'idle', seed: 17, memory: { ramMiB: 64 }, intervalMs: 200 });
+      await src.run();
+      src.close();
+      await new Promise((res) => setTimeout(res, 200));
+      const slab = r.mig.blocks.slab;
+      const floor = mapAheadFloor(64 * 256, slab.chunkSlots);
+      assert.equal(floor, 2048, 'an eighth of a 64 MiB guest');
+      assert.ok(slab.mappedFreeSlots >= floor, `${slab.mappedFreeSlots} free slots mapped, want ${floor}`);
+    } finally {
+      await r.close();
+    }
+  });
 });
 
 describe('heartbeat timeout: auto', () => {

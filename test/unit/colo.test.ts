@@ -6,7 +6,7 @@ import { MigrationError } from '../../src/errors.js';
 import { silentLogger } from '../../src/log.js';
 import { RAMBlockList } from '../../src/memory/ram-block.js';
 import { CheckpointStats } from '../../src/migration/checkpoint-stats.js';
-import { ColoIncoming, HEARTBEAT_AUTO_FIRST_MS, slotsToMapAhead, DirtyHistory, type ColoHost, type ColoPhase } from '../../src/migration/colo.js';
+import { ColoIncoming, HEARTBEAT_AUTO_FIRST_MS, slotsToMapAhead, mapAheadFloor, DirtyHistory, type ColoHost, type ColoPhase } from '../../src/migration/colo.js';
 import { DEFAULT_LIMITS } from '../../src/migration/limits.js';
 import { ByteQueue } from '../../src/wire/byte-queue.js';
 import {
@@ -118,6 +118,15 @@ describe('slots mapped ahead of the next checkpoint', () => {
     assert.equal(slotsToMapAhead([10_000, 9_000, 30_000]), Math.ceil(1.25 * 50_000));
     // The first checkpoint alone is no step.
     assert.equal(slotsToMapAhead([5_000]), Math.ceil(1.25 * 5_000));
+  });
+});
+
+describe('slots kept mapped however quiet the guest is', () => {
+  test('an eighth of the guest, at most one slab chunk', () => {
+    assert.equal(mapAheadFloor(131_072, 8192), 8192);     // 512 MiB guest, 32 MiB chunks
+    assert.equal(mapAheadFloor(16_384, 8192), 2048);      // 64 MiB guest
+    assert.equal(mapAheadFloor(4_194_304, 8192), 8192);   // 16 GiB guest: still one chunk
+    assert.equal(mapAheadFloor(0, 8192), 0);
   });
 });
 
