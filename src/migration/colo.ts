@@ -105,6 +105,9 @@ export class ColoIncoming {
     this.host.setPhase('colo-idle');
     this.#reply(COLO_MESSAGE_CHECKPOINT_READY);
     this.#armHeartbeat();
+    // A guest already under load checkpoints at once: the floor is mapped before the first
+    // CHECKPOINT_REQUEST (x-checkpoint-delay away), not only after the first commit.
+    this.#prefault(0);
     this.host.emitCheckpoint({ index: 0, initial: true });
   }
 
