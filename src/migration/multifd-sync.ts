@@ -121,7 +121,7 @@ export class MultifdSync {
     }
     const gone = h.channels.find((c) => c.exhausted && !c.atSync);
     if (gone) { h.fail(wireError('ERR_SYNC', `${gone.name}: connection closed before its SYNC packet for this barrier`, gone.name, gone.q.consumed), true); return; }
-    if (h.channels.length < this.expected || !h.channels.every((c) => c.synced)) return;
+    if (!this.#allParked()) return;
     const late = this.#roundSpread();
     if (late) { h.fail(late, false); return; }
     this.#barrier = null;
@@ -129,13 +129,18 @@ export class MultifdSync {
     b.resolve();
   }
 
-  /** Every channel is parked at this barrier's SYNC and the round is consistent (what check() fails on is left to it). */
-  #closable(): boolean {
+  /** Every expected channel has connected and sits at this barrier's SYNC, its writes done. */
+  #allParked(): boolean {
     const h = this.host;
-    if (this.expected === undefined || h.ended()) return false;
-    if (h.channels.length < this.expected) return false;
-    for (const c of h.channels) if (!c.synced || c.exhausted) return false;
-    return this.#roundSpread() === null;
+    return this.expected !== undefined && h.channels.length >= this.expected && h.channels.every((c) => c.synced);
+  }
+
+  /**
+   * The barrier can close as it opens: every channel parked (so none closed before its SYNC)
+   * and the round consistent. Anything else takes the waiting path, which reports it.
+   */
+  #closable(): boolean {
+    return !this.host.ended() && this.#allParked() && this.#roundSpread() === null;
   }
 
   /** The round is complete: its packet numbers close, deferred slots free up, the channels go on. */
