@@ -201,8 +201,13 @@ export class ThreadedSocket extends EventEmitter implements Conn {
     this.#unsubscribe();
     this.#port.close();
     this.#destroyed = true;
-    if (server) { server._connections--; server._emitCloseIfDrained?.(); }
-    this.emit('close', false);
+    // As a net.Socket's, 'close' comes in a later turn than the 'end' drained just above: code
+    // that reacts to 'end' (an await) and then waits for 'close' must not find it already gone.
+    // The task's result can overtake the EOF message, so without this both were emitted in one call.
+    setImmediate(() => {
+      if (server) { server._connections--; server._emitCloseIfDrained?.(); }
+      this.emit('close', false);
+    });
   }
 
   #wake(): void {
